@@ -1,0 +1,367 @@
+"""The on-disk expert format: `experts.safetensors` + `experts.json` in a model folder.
+
+One tensor per (layer, expert) named `layers.{l}.experts.{e}`, shape [3, rows, D]:
+[0] gate_proj rows, [1] up_proj rows, [2] down_proj columns transposed. Every expert starts at a
+file offset aligned to 4096 (header padded with spaces, `__pad__.{k}` uint8 tensors between
+experts), so one positioned read, or one O_DIRECT read, fetches one expert.
+This module writes and validates the format; it does not read expert bytes (see cache/store.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from edge_readme.errors import ExpertFileError, ModelFormatError
+
+FORMAT = "edge-readme-experts/1"
+TENSORS_FILE = "experts.safetensors"
+MANIFEST_FILE = "experts.json"
+ALIGNMENT = 4096
+
+_DTYPES = {
+    "float32": (torch.float32, "F32"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+    "float16": (torch.float16, "F16"),
+}
+_REQUIRED = {
+    "format": str, "file": str, "dtype": str, "hidden_size": int, "num_layers": int,
+    "num_experts": int, "alignment": int, "experts": list,
+}
+_ENTRY_FIELDS = ("layer", "expert", "rows", "offset", "length", "sha256")
+
+Key = tuple[int, int]
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def tensor_name(layer: int, expert: int) -> str:
+    return f"layers.{layer}.experts.{expert}"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """torch.bfloat16 or 'bfloat16' -> 'bfloat16'; anything else raises ModelFormatError."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ModelFormatError(
+            f"expert dtype: expected one of {sorted(_DTYPES)}, found {name!r}; "
+            "convert the experts to a supported dtype"
+        )
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[dtype_name(name)][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertEntry:
+    """Where one expert's bytes live: [offset, offset + length) of the tensors file."""
+
+    layer: int
+    expert: int
+    rows: int
+    offset: int
+    length: int
+    sha256: str
+
+    @property
+    def key(self) -> Key:
+        return (self.layer, self.expert)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertManifest:
+    """A validated experts.json. `entries` are in file order; `entry()` looks one up."""
+
+    folder: Path
+    path: Path
+    dtype: torch.dtype
+    hidden_size: int
+    num_layers: int
+    num_experts: int
+    alignment: int
+    entries: tuple[ExpertEntry, ...]
+    by_key: Mapping[Key, ExpertEntry] = dataclasses.field(repr=False, compare=False)
+
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        found = self.by_key.get((layer, expert))
+        if found is None:
+            raise ExpertFileError(
+                f"{self.folder / MANIFEST_FILE}: layer {layer} expert {expert} is not listed "
+                f"(the model has {self.num_layers} layers x {self.num_experts} experts); "
+                "check the router output or re-run the refactor",
+                layer, expert,
+            )
+        return found
+
+    def keys(self) -> list[Key]:
+        return [e.key for e in self.entries]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def max_rows(self) -> int:
+        return max(e.rows for e in self.entries)
+
+    @property
+    def max_length(self) -> int:
+        return max(e.length for e in self.entries)
+
+
+# ---- writer -------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(file) into a temp file beside `path`, fsync, rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_expert(key: Key, t: torch.Tensor, hidden: int) -> None:
+    if t.dim() != 3 or t.shape[0] != 3 or t.shape[1] < 1 or t.shape[2] != hidden:
+        raise ModelFormatError(
+            f"write_experts: layer {key[0]} expert {key[1]}: expected shape [3, rows, {hidden}], "
+            f"found {list(t.shape)}; stack gate rows, up rows and down columns transposed"
+        )
+
+
+def _layout(experts: Mapping[Key, torch.Tensor], dt: str) -> tuple[dict, list]:
+    """Safetensors header entries and [(key, rel_offset, nbytes)] with aligned expert offsets."""
+    header: dict = {"__metadata__": {"format": FORMAT}}
+    placed, end, pads = [], 0, 0
+    st_dtype, itemsize = _DTYPES[dt][1], torch_dtype(dt).itemsize
+    for key in sorted(experts):
+        shape = list(experts[key].shape)
+        nbytes = shape[0] * shape[1] * shape[2] * itemsize
+        header[tensor_name(*key)] = {
+            "dtype": st_dtype, "shape": shape, "data_offsets": [end, end + nbytes],
+        }
+        placed.append((key, end, nbytes))
+        end += nbytes
+        gap = align_up(end) - end
+        if gap:
+            header[f"__pad__.{pads}"] = {
+                "dtype": "U8", "shape": [gap], "data_offsets": [end, end + gap],
+            }
+            pads += 1
+            end += gap
+    return header, placed
+
+
+def _header_bytes(header: dict) -> bytes:
+    """JSON header padded with spaces so that 8 + len(header) is a multiple of ALIGNMENT."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (align_up(8 + len(raw)) - 8 - len(raw))
+
+
+def write_experts(
+    folder: str | os.PathLike, experts: Mapping[Key, torch.Tensor], dtype: torch.dtype | str
+) -> dict:
+    """Write experts.safetensors + experts.json atomically; return the manifest dict."""
+    if not experts:
+        raise ModelFormatError("write_experts: no experts given; pass at least one (layer, expert)")
+    folder, dt = Path(folder), dtype_name(dtype)
+    hidden = next(iter(experts.values())).shape[-1]
+    for key, t in experts.items():
+        _check_expert(key, t, hidden)
+    header, placed = _layout(experts, dt)
+    head = _header_bytes(header)
+    data_start = 8 + len(head)
+    entries = []
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for key, rel, nbytes in placed:
+            f.seek(data_start + rel)
+            raw = experts[key].detach().to("cpu", torch_dtype(dt)).contiguous().view(torch.uint8)
+            view = memoryview(raw.numpy()).cast("B")
+            f.write(view)
+            entries.append({
+                "layer": key[0], "expert": key[1], "rows": int(experts[key].shape[1]),
+                "offset": data_start + rel, "length": nbytes,
+                "sha256": hashlib.sha256(view).hexdigest(),
+            })
+        f.truncate(data_start + align_up(placed[-1][1] + placed[-1][2]))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / TENSORS_FILE, write)
+    manifest = {
+        "format": FORMAT, "file": TENSORS_FILE, "dtype": dt, "hidden_size": int(hidden),
+        "num_layers": max(k[0] for k in experts) + 1,
+        "num_experts": max(k[1] for k in experts) + 1,
+        "alignment": ALIGNMENT, "experts": entries,
+    }
+    text = json.dumps(manifest, indent=1).encode()
+    _atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
+    return manifest
+
+
+# ---- reader -------------------------------------------------------------------------------
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelFormatError(
+            f"{path}: file not found; expected the expert manifest written by the refactor tool "
+            "(run the refactor, or pass the model folder that holds experts.json)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc}); re-run the refactor") from exc
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _check_fields(path: Path, data: dict) -> None:
+    for name, kind in _REQUIRED.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelFormatError(
+                f"{path}: field {name!r}: expected {kind.__name__}, found {value!r}; "
+                "re-run the refactor to rewrite the manifest"
+            )
+    if data["format"] != FORMAT:
+        raise ModelFormatError(
+            f"{path}: field 'format': expected {FORMAT!r}, found {data['format']!r}; "
+            "this edge-readme reads only that version: re-run the refactor"
+        )
+    dtype_name(data["dtype"])
+
+
+def _parse_entry(path: Path, raw: object, index: int) -> ExpertEntry:
+    ok = isinstance(raw, dict) and all(
+        isinstance(raw.get(f), str if f == "sha256" else int) for f in _ENTRY_FIELDS
+    )
+    if not ok:
+        raise ModelFormatError(
+            f"{path}: experts[{index}]: expected an object with integer fields "
+            f"layer, expert, rows, offset, length and a string sha256, found {raw!r}; "
+            "re-run the refactor"
+        )
+    return ExpertEntry(**{f: raw[f] for f in _ENTRY_FIELDS})
+
+
+def _entry_error(path: Path, e: ExpertEntry, what: str) -> ExpertFileError:
+    return ExpertFileError(
+        f"{path}: layer {e.layer} expert {e.expert}: {what}; re-run the refactor or re-download",
+        e.layer, e.expert,
+    )
+
+
+def _check_entry(path: Path, data: dict, e: ExpertEntry) -> None:
+    hidden, itemsize = data["hidden_size"], torch_dtype(data["dtype"]).itemsize
+    if not (0 <= e.layer < data["num_layers"] and 0 <= e.expert < data["num_experts"]):
+        raise _entry_error(
+            path, e, f"index out of range: expected layer < {data['num_layers']} "
+            f"and expert < {data['num_experts']}",
+        )
+    if e.rows < 1 or e.length != 3 * e.rows * hidden * itemsize:
+        raise _entry_error(
+            path, e, f"expected length 3 * rows({e.rows}) * hidden({hidden}) * {itemsize} "
+            f"= {3 * e.rows * hidden * itemsize} bytes, found {e.length}",
+        )
+    if e.offset % data["alignment"]:
+        raise _entry_error(
+            path, e, f"offset {e.offset} is not aligned to {data['alignment']} bytes"
+        )
+
+
+def _read_st_header(path: Path) -> tuple[dict, int]:
+    """(safetensors header, absolute offset of its data section)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if size < 2 or size > 100_000_000:
+            raise ModelFormatError(
+                f"{path}: expected an 8-byte safetensors header length, found {raw!r}; "
+                "the file is not safetensors or is truncated: re-run the refactor"
+            )
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFormatError(f"{path}: safetensors header is not JSON ({exc})") from exc
+    return header, 8 + size
+
+
+def _check_against_header(
+    path: Path, header: dict, data_start: int, data: dict, e: ExpertEntry
+) -> None:
+    want = {
+        "dtype": _DTYPES[data["dtype"]][1], "shape": [3, e.rows, data["hidden_size"]],
+        "data_offsets": [e.offset - data_start, e.offset - data_start + e.length],
+    }
+    found = header.get(tensor_name(e.layer, e.expert))
+    if found is None or any(found.get(k) != v for k, v in want.items()):
+        raise _entry_error(
+            path, e, f"tensor {tensor_name(e.layer, e.expert)!r}: expected {want} "
+            f"(from {MANIFEST_FILE}), found {found}",
+        )
+
+
+def read_manifest(folder: str | os.PathLike) -> ExpertManifest:
+    """Load and validate experts.json against experts.safetensors (size, offsets, shapes)."""
+    folder = Path(folder)
+    json_path = folder / MANIFEST_FILE
+    data = _load_json(json_path)
+    _check_fields(json_path, data)
+    entries = tuple(_parse_entry(json_path, raw, i) for i, raw in enumerate(data["experts"]))
+    if not entries:
+        raise ModelFormatError(f"{json_path}: field 'experts' is empty; re-run the refactor")
+    by_key: dict[Key, ExpertEntry] = {}
+    for e in entries:
+        _check_entry(json_path, data, e)
+        if e.key in by_key:
+            raise _entry_error(json_path, e, "listed twice")
+        by_key[e.key] = e
+    st_path = folder / data["file"]
+    _check_tensors_file(st_path, data, entries)
+    return ExpertManifest(
+        folder=folder, path=st_path, dtype=torch_dtype(data["dtype"]),
+        hidden_size=data["hidden_size"], num_layers=data["num_layers"],
+        num_experts=data["num_experts"], alignment=data["alignment"],
+        entries=entries, by_key=by_key,
+    )
+
+
+def _check_tensors_file(path: Path, data: dict, entries: tuple[ExpertEntry, ...]) -> None:
+    if not path.is_file():
+        first = entries[0]
+        raise ExpertFileError(
+            f"{path}: file not found; {MANIFEST_FILE} lists {len(entries)} experts in it "
+            f"(first: layer {first.layer} expert {first.expert}); restore the file or re-run "
+            "the refactor",
+            first.layer, first.expert,
+        )
+    size = path.stat().st_size
+    for e in entries:
+        if e.offset + e.length > size:
+            raise _entry_error(
+                path, e, f"truncated file: expected at least {e.offset + e.length} bytes "
+                f"(offset {e.offset} + length {e.length}), found {size}",
+            )
+    header, data_start = _read_st_header(path)
+    for e in entries:
+        _check_against_header(path, header, data_start, data, e)
