@@ -1,0 +1,395 @@
+"""ExpertCache: a fixed set of device slots holding experts, filled from an ExpertStore.
+
+All memory is allocated up front: one device block of num_slots slots (each as large as the
+largest expert in the compute dtype) and a few host staging buffers (pinned on CUDA). The model
+calls acquire/release (or `with cache.get(l, e)`); the Prefetcher calls request(). The cache
+does not know the model, the router or the thread that calls request(); it only knows slots.
+
+CUDA: copies run on a private copy stream; acquire makes the caller's stream wait on that slot's
+event only, and release records an event so a slot is not overwritten while compute still reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from edge_readme.cache.policies import Lookahead, make_policy
+from edge_readme.cache.store import ExpertStore, aligned_empty
+from edge_readme.errors import BudgetError
+from edge_readme.experts_format import ExpertManifest, align_up
+
+Key = tuple[int, int]
+NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """Views into one slot, in the compute dtype. Valid until release()."""
+
+    layer: int
+    expert: int
+    gate: torch.Tensor  # [rows, D] gate_proj rows
+    up: torch.Tensor  # [rows, D] up_proj rows
+    down_t: torch.Tensor  # [rows, D] down_proj columns, transposed
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters since the last reset_stats(). An acquire that finds its expert resident, or in
+    flight, is a hit (inflight_waits counts the latter); stall_seconds is time acquire() blocked."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0
+    inflight_waits: int = 0
+    bytes_read: int = 0
+    stall_seconds: float = 0.0
+    loads: int = 0
+    evictions: int = 0
+    peak_resident_bytes: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "hit_ratio": self.hit_ratio}
+
+
+@dataclasses.dataclass
+class _Staging:
+    host: torch.Tensor  # uint8, 4096-aligned, pinned on CUDA
+    device: torch.Tensor | None  # file-dtype buffer on the device when a cast is needed there
+    event: object | None  # CUDA: the last copy out of `host`
+
+
+class ExpertCache:
+    """Experts in num_slots preallocated slots; evicts by `policy` among unpinned experts."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        manifest: ExpertManifest,
+        num_slots: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        policy: str = "lru",
+    ):
+        if num_slots < 1:
+            raise BudgetError(
+                f"expert cache: expected at least 1 expert slot, found {num_slots}; "
+                "raise --memory-budget"
+            )
+        self.store, self.manifest = store, manifest
+        self.device, self.dtype = torch.device(device), dtype
+        self.policy_name = policy
+        self._policy = make_policy(policy)
+        self.lookahead = Lookahead()
+        self.stats = CacheStats()
+        self.num_slots = min(num_slots, len(manifest.entries))
+        self._cond = threading.Condition()
+        self._init_state()
+        self._allocate()
+
+    def _init_state(self) -> None:
+        self._slot_key: list[Key | None] = [None] * self.num_slots
+        self._key_slot: dict[Key, int] = {}
+        self._loading: set[Key] = set()
+        self._pins: dict[Key, int] = {}
+        self._unused_prefetch: set[Key] = set()
+        self._free = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._weights: list[ExpertWeights | None] = [None] * self.num_slots
+        self._resident_bytes = 0
+
+    # ---- allocation (the only place that allocates) ------------------------------------------
+
+    def _allocate(self) -> None:
+        m, cuda = self.manifest, self.device.type == "cuda"
+        self.slot_bytes = align_up(3 * m.max_rows * m.hidden_size * self.dtype.itemsize)
+        slot_elems = self.slot_bytes // self.dtype.itemsize
+        if self.device.type == "cpu":
+            self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
+            self._slots = self._block_bytes.view(self.dtype).view(self.num_slots, slot_elems)
+        else:
+            self._block_bytes = None
+            self._slots = torch.empty(
+                self.num_slots, slot_elems, dtype=self.dtype, device=self.device
+            )
+        self._direct = self.device.type == "cpu" and m.dtype == self.dtype
+        self._staging: queue.Queue[_Staging] = queue.Queue()
+        if not self._direct:
+            for _ in range(NUM_STAGING):
+                self._staging.put(self._new_staging(cuda))
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        events = range(self.num_slots) if cuda else ()
+        self._ready_events = [torch.cuda.Event() for _ in events]
+        self._free_events = [torch.cuda.Event() for _ in events]
+
+    def _new_staging(self, cuda: bool) -> _Staging:
+        m = self.manifest
+        host = aligned_empty(ExpertStore.buffer_bytes(m), pin_memory=cuda)
+        device = None
+        if self.device.type != "cpu" and m.dtype != self.dtype:
+            elems = 3 * m.max_rows * m.hidden_size
+            device = torch.empty(elems, dtype=m.dtype, device=self.device)
+        return _Staging(host, device, torch.cuda.Event() if cuda else None)
+
+    @property
+    def block(self) -> torch.Tensor:
+        """The preallocated slot block, [num_slots, slot_bytes / itemsize] in the compute dtype."""
+        return self._slots
+
+    # ---- the model's side ---------------------------------------------------------------------
+
+    def acquire(self, layer: int, expert: int) -> ExpertWeights:
+        """Block until (layer, expert) is resident, pin it, and return views of its weights."""
+        key, start = (layer, expert), time.perf_counter()
+        with self._cond:
+            waited = self._wait_in_flight(key)
+            slot = self._key_slot.get(key)
+            load = slot is None
+            if load:
+                self.stats.misses += 1
+                slot = self._claim(key, prefetch=False)
+            else:
+                self._count_hit(key, waited)
+            self._pins[key] = self._pins.get(key, 0) + 1
+        if load:
+            self._load(key, slot, prefetch=False)
+        if self._ready_events:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_events[slot])
+        if load or waited:
+            with self._cond:
+                self.stats.stall_seconds += time.perf_counter() - start
+        return self._weights[slot]
+
+    def release(self, layer: int, expert: int) -> None:
+        key = (layer, expert)
+        with self._cond:
+            pins = self._pins.get(key, 0)
+            if pins < 1:
+                raise ValueError(f"release({layer}, {expert}): the expert is not acquired")
+            if pins == 1:
+                del self._pins[key]
+            else:
+                self._pins[key] = pins - 1
+            if self._free_events:
+                self._free_events[self._key_slot[key]].record(
+                    torch.cuda.current_stream(self.device)
+                )
+
+    @contextlib.contextmanager
+    def get(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
+        weights = self.acquire(layer, expert)
+        try:
+            yield weights
+        finally:
+            self.release(layer, expert)
+
+    # ---- the prefetcher's side ----------------------------------------------------------------
+
+    def contains(self, key: Key) -> bool:
+        """Resident or in flight."""
+        with self._cond:
+            return key in self._key_slot
+
+    def request(self, keys: Iterable[Key]) -> int:
+        """Load keys ahead of use, in order; return how many loads were issued.
+
+        Never evicts a pinned expert, nor one whose next use (per lookahead) is sooner than the
+        requested key's; a key that cannot get a slot under those rules is skipped.
+        """
+        issued = 0
+        for key in keys:
+            with self._cond:
+                if key in self._key_slot:
+                    continue
+                slot = self._claim(key, prefetch=True)
+                if slot is None:
+                    continue
+                self.stats.prefetch_issued += 1
+            issued += 1
+            self._load(key, slot, prefetch=True)
+        return issued
+
+    def preload_all(self) -> None:
+        """Load every expert (needs a slot per expert); no evictions happen afterwards."""
+        keys = self.manifest.keys()
+        if self.num_slots < len(keys):
+            raise BudgetError(
+                f"preload_all: {len(keys)} experts need {len(keys)} slots, the cache has "
+                f"{self.num_slots}; raise --memory-budget or stream experts instead"
+            )
+        for key in keys:
+            with self._cond:
+                if key in self._key_slot:
+                    continue
+                slot = self._claim(key, prefetch=False)
+            self._load(key, slot, prefetch=False)
+
+    def reset_stats(self) -> None:
+        with self._cond:
+            self.stats = CacheStats(peak_resident_bytes=self._resident_bytes)
+
+    def resident(self) -> list[Key]:
+        with self._cond:
+            return [k for k in self._key_slot if k not in self._loading]
+
+    # ---- slot bookkeeping (callers hold self._cond) -------------------------------------------
+
+    def _wait_in_flight(self, key: Key) -> bool:
+        waited = False
+        while key in self._loading:
+            waited = True
+            self._cond.wait()
+        return waited
+
+    def _count_hit(self, key: Key, waited: bool) -> None:
+        self.stats.hits += 1
+        self.stats.inflight_waits += waited
+        if key in self._unused_prefetch:
+            self._unused_prefetch.discard(key)
+            self.stats.prefetch_hits += 1
+        self._policy.on_hit(key)
+
+    def _claim(self, key: Key, prefetch: bool) -> int | None:
+        """A slot for key (evicting if needed), marked loading; None if a prefetch must not evict."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = self._pick_victim(key, prefetch)
+            if victim is None:
+                return None
+            slot = self._evict(victim)
+        self._slot_key[slot] = key
+        self._key_slot[key] = slot
+        self._loading.add(key)
+        self._policy.on_insert(key)
+        return slot
+
+    def _pick_victim(self, key: Key, prefetch: bool) -> Key | None:
+        pins, loading = self._pins, self._loading
+        candidates = [k for k in self._key_slot if k not in pins and k not in loading]
+        if prefetch:
+            need = self.lookahead.next_use(key)
+            candidates = [k for k in candidates if self.lookahead.next_use(k) >= need]
+            if not candidates:
+                return None
+        elif not candidates:
+            raise BudgetError(
+                f"expert cache: all {self.num_slots} slots hold pinned or loading experts, none "
+                f"free for layer {key[0]} expert {key[1]}; release experts after use or raise "
+                "--memory-budget"
+            )
+        return self._policy.victim(candidates, self.lookahead)
+
+    def _evict(self, victim: Key) -> int:
+        slot = self._forget(victim)
+        self.stats.evictions += 1
+        if victim in self._unused_prefetch:
+            self._unused_prefetch.discard(victim)
+            self.stats.prefetch_wasted += 1
+        self._resident_bytes -= self._expert_bytes(victim)
+        return slot
+
+    def _forget(self, key: Key) -> int:
+        slot = self._key_slot.pop(key)
+        self._slot_key[slot] = None
+        self._weights[slot] = None
+        self._policy.on_evict(key)
+        return slot
+
+    def _expert_bytes(self, key: Key) -> int:
+        rows = self.manifest.entry(*key).rows
+        return 3 * rows * self.manifest.hidden_size * self.dtype.itemsize
+
+    # ---- loading (no lock held during I/O) ----------------------------------------------------
+
+    def _load(self, key: Key, slot: int, prefetch: bool) -> None:
+        try:
+            nbytes = self._fill(key, slot)
+        except BaseException:
+            with self._cond:
+                self._loading.discard(key)
+                self._pins.pop(key, None)
+                self._free.append(self._forget(key))
+                self._cond.notify_all()
+            raise
+        weights = self._views(key, slot)
+        with self._cond:
+            self._loading.discard(key)
+            self._weights[slot] = weights
+            self.stats.loads += 1
+            self.stats.bytes_read += nbytes
+            self._resident_bytes += self._expert_bytes(key)
+            peak = max(self.stats.peak_resident_bytes, self._resident_bytes)
+            self.stats.peak_resident_bytes = peak
+            if prefetch:
+                self._unused_prefetch.add(key)
+            self._cond.notify_all()
+
+    def _views(self, key: Key, slot: int) -> ExpertWeights:
+        rows, hidden = self.manifest.entry(*key).rows, self.manifest.hidden_size
+        w = self._slots[slot, : 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]
+        return ExpertWeights(key[0], key[1], w[0], w[1], w[2])
+
+    def _fill(self, key: Key, slot: int) -> int:
+        """Read the expert's bytes into the slot; return bytes read from the file."""
+        if self._direct:
+            lo = slot * self.slot_bytes
+            return self.store.read_into(*key, self._block_bytes[lo:lo + self.slot_bytes])
+        staging = self._staging.get()
+        try:
+            if staging.event is not None:
+                staging.event.synchronize()  # the previous copy out of this buffer is done
+            nbytes = self.store.read_into(*key, staging.host)
+            self._copy(staging, nbytes, slot)
+            return nbytes
+        finally:
+            self._staging.put(staging)
+
+    def _copy(self, staging: _Staging, nbytes: int, slot: int) -> None:
+        src = staging.host[:nbytes].view(self.manifest.dtype)  # [3 * rows * D], file dtype
+        dst = self._slots[slot, : src.numel()]
+        if self._copy_stream is None:
+            self._cast_copy(staging, src, dst, non_blocking=False)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._free_events[slot])
+            self._cast_copy(staging, src, dst, non_blocking=True)
+            self._ready_events[slot].record(self._copy_stream)
+            staging.event.record(self._copy_stream)
+
+    @staticmethod
+    def _cast_copy(staging: _Staging, src, dst, non_blocking: bool) -> None:
+        if staging.device is None:
+            dst.copy_(src, non_blocking=non_blocking)
+            return
+        tmp = staging.device[: src.numel()]  # cast on the device, into a preallocated buffer
+        tmp.copy_(src, non_blocking=non_blocking)
+        dst.copy_(tmp)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for pending copies and drop the slot block and staging buffers."""
+        if getattr(self, "_copy_stream", None) is not None:
+            self._copy_stream.synchronize()
+        self._slots = self._block_bytes = None
+        self._staging = queue.Queue()
+
+    def __enter__(self) -> ExpertCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
