@@ -263,7 +263,7 @@ class ExpertCache:
         self._policy.on_hit(key)
 
     def _claim(self, key: Key, prefetch: bool) -> int | None:
-        """A slot for key (evicting if needed), marked loading; None if a prefetch must not evict."""
+        """A slot for key (evicting if needed), marked loading; None if a prefetch may not evict."""
         if self._free:
             slot = self._free.pop()
         else:
