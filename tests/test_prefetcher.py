@@ -1,3 +1,4 @@
+import random
 import threading
 import time
 
@@ -137,3 +138,20 @@ def test_prefetch_overlaps_compute_many_steps(setup):
             cache.lookahead.advance(key)
     s = cache.stats
     assert s.hits + s.misses == len(path)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+def test_small_caches_with_prefetch_stay_exact(setup, slots, policy):
+    store, manifest, experts = setup
+    cache = ExpertCache(store, manifest, slots, "cpu", torch.float32, policy)
+    rng = random.Random(slots)
+    trace = [rng.choice(manifest.keys()) for _ in range(40)]
+    cache.lookahead.extend(trace)
+    with Prefetcher(cache) as pf:
+        for i, key in enumerate(trace):
+            pf.submit(trace[i + 1:i + 4])
+            with cache.get(*key) as w:
+                _check(w, experts[key])
+            cache.lookahead.advance(key)
+    assert cache.stats.hits + cache.stats.misses == len(trace)
