@@ -1,0 +1,296 @@
+"""Read Llama-architecture weights from a GGUF file or a Hugging Face folder.
+
+Weights come out as `(name, float32 tensor)` pairs under Hugging Face names, whatever the file held;
+GGUF's permuted q/k rows are put back in Hugging Face order. This module knows nothing about devices,
+dtypes of compute, or experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ModelFormatError
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF tensor name -> Hugging Face name ("{i}" is the block index).
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_GGUF_PATTERNS = [
+    (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in GGUF_NAMES.items()
+]
+
+
+@dataclass
+class TokenizerSpec:
+    """What a tokenizer needs, from GGUF metadata or a tokenizer.json file."""
+
+    kind: str  # "gguf" or "hf"
+    tokenizer_json: str | None = None
+    model: str = ""  # gguf: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    pre: str = ""
+    tokens: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    token_types: list[int] | None = None
+    merges: list[str] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos: bool = False
+    add_space_prefix: bool = False
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: TokenizerSpec
+    chat_template: str | None
+    path: Path
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a `.gguf` file or a Hugging Face model folder (the MoE folders of `refactor` included)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or folder; pass a .gguf file, a model folder "
+                               "or a registry name (see `edge-readme pull --list`)")
+    if p.is_dir():
+        return _load_hf_folder(p)
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if head[:4] == GGUF_MAGIC:
+        return _load_gguf(p)
+    if p.suffix == ".safetensors":
+        raise ModelFormatError(f"{p}: a bare safetensors file has no config or tokenizer; "
+                               "pass the folder that holds it with config.json and tokenizer.json")
+    raise ModelFormatError(f"{p}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF') and not a "
+                           "model folder; pass a .gguf file or a folder with config.json")
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # GGUF stores q/k rows interleaved per head for pairwise RoPE; undo it to rotate-half order.
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field_value(f: Any) -> Any:
+    try:
+        return f.contents()
+    except Exception:  # a field type this gguf version cannot render; skip it
+        return None
+
+
+def _open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        size = path.stat().st_size
+        raise ModelFormatError(
+            f"{path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e}; size {size} bytes). "
+            "Download it again (`edge-readme pull NAME`) or re-export it."
+        ) from None
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    import gguf
+
+    reader = _open_gguf(path)
+    fields = {k: _gguf_field_value(v) for k, v in reader.fields.items()}
+    config = ModelConfig.from_gguf_fields(fields, str(path))
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _gguf_to_hf(t.name)
+        if name is None:
+            continue  # rope_freqs and other tensors we derive ourselves
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelFormatError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                "cannot dequantize; re-export the model with a common type (F16, Q8_0, Q4_K...)"
+            ) from None
+        except (ValueError, IndexError) as e:
+            raise ModelFormatError(f"{path}: tensor {t.name} is truncated or corrupt ({e}); "
+                                   "download or export the file again") from None
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        if name.endswith("q_proj.weight"):
+            w = _unpermute(w, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _unpermute(w, config.num_kv_heads)
+        tensors[name] = w
+    tie = "lm_head.weight" not in tensors
+    import dataclasses
+
+    config = dataclasses.replace(config, tie_embeddings=tie)
+    _check_tensors(config, tensors, str(path))
+    spec = _gguf_tokenizer(fields, path)
+    return LoadedModel(config, tensors, spec, fields.get("tokenizer.chat_template"), path)
+
+
+def _gguf_to_hf(name: str) -> str | None:
+    for pat, hf in _GGUF_PATTERNS:
+        m = pat.match(name)
+        if m:
+            return hf.format(i=m.group(1)) if m.groups() else hf
+    return None
+
+
+def _gguf_tokenizer(fields: dict[str, Any], path: Path) -> TokenizerSpec:
+    tokens = fields.get("tokenizer.ggml.tokens")
+    model = fields.get("tokenizer.ggml.model")
+    if not tokens or model is None:
+        raise ModelFormatError(f"{path}: GGUF has no tokenizer (tokenizer.ggml.tokens/model missing)")
+    if model not in ("gpt2", "llama"):
+        raise ModelFormatError(f"{path}: tokenizer.ggml.model is {model!r}; supported are 'gpt2' "
+                               "(byte-level BPE) and 'llama' (SentencePiece-style)")
+    return TokenizerSpec(
+        kind="gguf",
+        model=model,
+        pre=fields.get("tokenizer.ggml.pre") or "",
+        tokens=list(tokens),
+        scores=fields.get("tokenizer.ggml.scores"),
+        token_types=fields.get("tokenizer.ggml.token_type"),
+        merges=fields.get("tokenizer.ggml.merges"),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        add_space_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", model == "llama")),
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: missing; a model folder needs config.json, "
+                               "model.safetensors (or shards + index) and tokenizer.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not valid JSON ({e}); restore or regenerate the file") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index}: expected a 'weight_map' object")
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ModelFormatError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
+                           "a model folder needs its weights in safetensors (pickles are never loaded)")
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        raise ModelFormatError(f"{path}: missing shard named by the model's index")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise ModelFormatError(f"{path}: not a valid safetensors file or truncated ({e}); "
+                               "download or export it again") from None
+
+
+def _load_hf_folder(folder: Path) -> LoadedModel:
+    config = ModelConfig.from_hf_dict(_read_json(folder / "config.json"), str(folder / "config.json"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(folder):
+        for name, t in iter_safetensors(f):
+            tensors[name] = t.float() if t.is_floating_point() else t
+    if "lm_head.weight" not in tensors and not config.tie_embeddings:
+        import dataclasses
+
+        config = dataclasses.replace(config, tie_embeddings=True)
+    _check_tensors(config, tensors, str(folder))
+    tok_json = folder / "tokenizer.json"
+    if not tok_json.exists():
+        raise ModelFormatError(f"{tok_json}: missing; copy the model's tokenizer.json into the folder")
+    template = None
+    tcfg = folder / "tokenizer_config.json"
+    special: dict[str, Any] = {}
+    if tcfg.exists():
+        special = _read_json(tcfg)
+        template = special.get("chat_template")
+    if (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    spec = TokenizerSpec(kind="hf", tokenizer_json=str(tok_json),
+                         bos_token_id=config.bos_token_id,
+                         eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
+                         add_bos=bool(special.get("add_bos_token", False)))
+    return LoadedModel(config, tensors, spec, template if isinstance(template, str) else None, folder)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    c = config
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (c.hidden_size,),
+            p + "post_attention_layernorm.weight": (c.hidden_size,),
+            p + "self_attn.q_proj.weight": (c.q_dim, c.hidden_size),
+            p + "self_attn.k_proj.weight": (c.kv_dim, c.hidden_size),
+            p + "self_attn.v_proj.weight": (c.kv_dim, c.hidden_size),
+            p + "self_attn.o_proj.weight": (c.hidden_size, c.q_dim),
+        })
+        if c.moe is None:
+            shapes.update({
+                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            })
+    return shapes
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    want = expected_shapes(config)
+    missing = [k for k in want if k not in tensors]
+    wrong = [f"{k}: expected {want[k]}, found {tuple(tensors[k].shape)}"
+             for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if wrong:
+            parts.append("wrong shapes " + "; ".join(wrong[:5]))
+        raise ModelFormatError(f"{source}: " + ", ".join(parts) +
+                               "; the file does not match its own config. Re-export the model.")
