@@ -124,13 +124,14 @@ def plan_memory(
         raise BudgetTooSmallError(
             f"memory budget {budget_bytes / MIB:.1f} MiB is below the minimum "
             f"{minimum / MIB:.1f} MiB (dense {format_bytes(dense_bytes)} + KV cache "
-            f"{format_bytes(kv_cache_bytes)} + scratch {format_bytes(scratch_bytes)} + "
-            f"{min_slots} expert slot(s) of {format_bytes(expert_slot_bytes)}); "
+            f"{format_bytes(kv_cache_bytes)} + scratch {format_bytes(scratch_bytes)}"
+            + (f" + {min_slots} expert slot(s) of {format_bytes(expert_slot_bytes)}"
+               if expert_slot_bytes else "") + "); "
             f"pass at least --memory-budget {format_flag(minimum)} or shorten the context",
             minimum_bytes=minimum,
             budget_bytes=budget_bytes,
         )
-    slots = min(num_expert_keys, (budget_bytes - fixed) // expert_slot_bytes)
+    slots = min(num_expert_keys, (budget_bytes - fixed) // expert_slot_bytes) if expert_slot_bytes else 0
     return MemoryPlan(
         budget_bytes=budget_bytes,
         dense_bytes=dense_bytes,

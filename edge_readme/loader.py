@@ -294,3 +294,20 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source
             parts.append("wrong shapes " + "; ".join(wrong[:5]))
         raise ModelFormatError(f"{source}: " + ", ".join(parts) +
                                "; the file does not match its own config. Re-export the model.")
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Only the config (no weights): from config.json, or from GGUF metadata."""
+    import dataclasses
+
+    p = Path(path)
+    if p.is_dir():
+        return ModelConfig.from_hf_dict(_read_json(p / "config.json"), str(p / "config.json"))
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or folder")
+    reader = _open_gguf(p)
+    fields = {k: _gguf_field_value(v) for k, v in reader.fields.items()
+              if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
+    config = ModelConfig.from_gguf_fields(fields, str(p))
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    return dataclasses.replace(config, tie_embeddings=tied)

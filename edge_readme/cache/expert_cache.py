@@ -154,15 +154,21 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """Block until (layer, expert) is resident, pin it, and return views of its weights."""
         key, start = (layer, expert), time.perf_counter()
+        self.lookahead.advance(key)  # this access is no longer future: Belady ranks what follows
         with self._cond:
-            waited = self._wait_in_flight(key)
-            slot = self._key_slot.get(key)
-            load = slot is None
-            if load:
-                self.stats.misses += 1
+            waited = False
+            while True:
+                waited |= self._wait_in_flight(key)
+                slot = self._key_slot.get(key)
+                load = slot is None
+                if not load:
+                    self._count_hit(key, waited)
+                    break
                 slot = self._claim(key, prefetch=False)
-            else:
-                self._count_hit(key, waited)
+                if slot is not None:
+                    self.stats.misses += 1
+                    break
+                self._cond.wait()  # every evictable slot is being filled; retry when one lands
             self._pins[key] = self._pins.get(key, 0) + 1
         if load:
             self._load(key, slot, prefetch=False)
@@ -280,6 +286,8 @@ class ExpertCache:
     def _pick_victim(self, key: Key, prefetch: bool) -> Key | None:
         pins, loading = self._pins, self._loading
         candidates = [k for k in self._key_slot if k not in pins and k not in loading]
+        if not prefetch and not candidates and any(k not in pins for k in loading):
+            return None  # a prefetch is filling the only free slots: acquire waits for it
         if prefetch:
             need = self.lookahead.next_use(key)
             candidates = [k for k in candidates if self.lookahead.next_use(k) >= need]

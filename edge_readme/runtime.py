@@ -1,0 +1,347 @@
+"""The runtime under a memory budget: backbone, KV cache, router, expert cache and prefetcher.
+
+`Runtime` turns token ids into logits, one request at a time; it knows nothing about text, threads
+or HTTP. For a Read-ME MoE the router gives every token's whole expert path before the backbone
+runs, so each step first tells the cache the known future (Belady's lookahead) and queues the loads
+(the prefetcher), then computes, waiting only for experts not yet resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
+from .config import ModelConfig
+from .errors import BudgetError, CancelledError, EdgeReadmeError
+from .experts_format import align_up, read_manifest
+from .loader import LoadedModel
+from .model import KVCache, build_transformer
+
+Key = tuple[int, int]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"
+    dtype: str | None = None  # default: float32 on CPU, float16 on CUDA/MPS
+    context_length: int = 2048
+    memory_budget: int | str | None = None  # bytes, "512MiB", "auto", or None (no cap)
+    policy: str = "belady"
+    prefetch: bool = True
+    speculate: int = 4  # top-k next-token candidates whose router paths are prefetched; 0 = off
+    speculate_layers: int = 4  # how many first layers of the likeliest path to prefetch
+    verify: bool = False
+    cold: bool = False
+    threads: int | None = None
+    prefill_chunk: int = 256
+    llama_cpp_numerics: bool = False
+
+
+@dataclass
+class StepStats:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    reused_tokens: int = 0
+    speculations: int = 0
+    speculations_right: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EdgeReadmeError(f"--device: unknown device {name!r}; use auto, cpu, cuda, "
+                              "cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EdgeReadmeError("--device cuda: no CUDA device is available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EdgeReadmeError("--device mps: MPS is not available here; use --device cpu")
+    return dev
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise EdgeReadmeError(f"--dtype: unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
+             dtype: torch.dtype, context_length: int) -> MemoryPlan:
+    """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
+    c, item = loaded.config, dtype.itemsize
+    dense = sum(t.numel() for n, t in loaded.tensors.items() if not n.startswith("router."))
+    dense_bytes = dense * item + 2 * context_length * c.head_dim * item  # + rope tables
+    dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items() if n.startswith("router."))
+    kv_item = 2 if o.llama_cpp_numerics else item
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
+    chunk = min(o.prefill_chunk, context_length)
+    width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
+    scratch = chunk * width * item + c.num_heads * chunk * context_length * 4  # activations
+    scratch += c.vocab_size * 4 * 2  # last logits, sampling
+    slot_bytes, keys = 0, 0
+    if manifest is not None:
+        slot_bytes = align_up(3 * manifest.max_rows * manifest.hidden_size * item)
+        keys = len(manifest.entries)
+        scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
+    budget = o.memory_budget
+    if isinstance(budget, str):
+        budget = parse_budget(budget) if budget != "auto" else None
+        if budget is None:
+            budget = auto_budget(device)
+    if budget is None:  # no cap: everything resident
+        budget = dense_bytes + kv_bytes + scratch + keys * slot_bytes
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
+    return plan_memory(dense_bytes, slot_bytes, keys, kv_bytes, scratch, budget, min_slots=1)
+
+
+def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
+    """The memory plan `generate --dry-run` prints, without putting weights on the device."""
+    from .loader import load_model
+    from .registry import resolve
+
+    loaded = load_model(resolve(model))
+    kw = {k: v for k, v in engine_kwargs.items() if k in RuntimeOptions.__dataclass_fields__}
+    o = RuntimeOptions(**kw)
+    device = pick_device(o.device)
+    dtype = pick_dtype(o.dtype, device)
+    ctx = min(o.context_length, loaded.config.max_position)
+    manifest = read_manifest(loaded.path) if loaded.config.moe is not None else None
+    plan = plan_for(loaded, manifest, o, device, dtype, ctx)
+    d = plan.to_json()
+    d.update({"model": str(loaded.path), "device": str(device),
+              "dtype": str(dtype).replace("torch.", ""), "context_length": ctx,
+              "expert_keys": len(manifest.entries) if manifest else 0})
+    return d
+
+
+class Runtime:
+    def __init__(self, loaded: LoadedModel, options: RuntimeOptions = RuntimeOptions(),
+                 on_progress: Callable[[str, float], None] | None = None):
+        self.options = o = options
+        self.config: ModelConfig = loaded.config
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.device = pick_device(o.device)
+        self.dtype = pick_dtype(o.dtype, self.device)
+        self.context_length = min(o.context_length, self.config.max_position)
+        if self.context_length < 2:
+            raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
+        self._stack = contextlib.ExitStack()
+        try:
+            self._build(loaded, on_progress)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.tokens: list[int] = []  # the sequence whose keys/values sit in the KV cache
+        self._queued_future: list[Key] = []
+        self._spec_guess: torch.Tensor | None = None
+        self.routes = torch.zeros(self.context_length, self.config.num_layers, dtype=torch.long)
+
+    # ------------------------------------------------------------------ construction
+
+    def _build(self, loaded: LoadedModel, on_progress) -> None:
+        c, o = self.config, self.options
+        self.manifest = read_manifest(loaded.path) if c.moe is not None else None
+        self.plan = plan_for(loaded, self.manifest, o, self.device, self.dtype,
+                             self.context_length)
+        progress = on_progress or (lambda stage, frac: None)
+        progress("weights", 0.0)
+        self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
+                                       rope_length=self.context_length)
+        self.model.set_act_quant(o.llama_cpp_numerics)
+        kv_dtype = torch.float16 if o.llama_cpp_numerics else self.dtype
+        self.kv = KVCache(c, self.context_length, device=self.device, dtype=kv_dtype)
+        self.router = self.router_cache = self.cache = self.prefetcher = None
+        if c.moe is not None:
+            self._build_moe(loaded, progress)
+        progress("weights", 1.0)
+
+    def _build_moe(self, loaded: LoadedModel, progress) -> None:
+        from .cache import ExpertCache, ExpertStore
+        from .prefetch import Prefetcher
+        from .router import Router
+
+        c, o, m = self.config, self.options, self.manifest
+        self.router = Router.from_tensors(c.moe.router, c.moe.num_experts, c.num_layers,
+                                          c.moe.routing, loaded.tensors, self.device)
+        self.router_cache = self.router.new_cache(self.context_length)
+        store = self._stack.enter_context(ExpertStore(m, verify=o.verify, cold=o.cold))
+        self.cache = self._stack.enter_context(
+            ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
+                        policy=o.policy))
+        self.model.attach_experts(self.cache)
+        self.prefetcher = self._stack.enter_context(
+            Prefetcher(self.cache, enabled=o.prefetch))
+        if self.plan.slots >= len(m.entries):
+            keys = m.keys()
+            for i, key in enumerate(keys):
+                with self.cache.get(*key):
+                    pass
+                progress("experts", (i + 1) / len(keys))
+            self.cache.reset_stats()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    # ------------------------------------------------------------------ the forward steps
+
+    def prefill(self, ids: Sequence[int], stats: StepStats,
+                check: Callable[[], None] | None = None) -> torch.Tensor:
+        """Make the KV cache hold `ids`, reusing the longest common prefix; logits of the last."""
+        if len(ids) > self.context_length:
+            raise EdgeReadmeError(f"prompt of {len(ids)} tokens exceeds the context length "
+                                  f"{self.context_length}; shorten it or raise --context-length")
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        stats.reused_tokens = common
+        self.tokens = list(ids[:common])
+        self._spec_guess = None
+        start = time.perf_counter()
+        logits = None
+        chunk = max(1, self.options.prefill_chunk)
+        for s in range(common, len(ids), chunk):
+            part = list(ids[s:s + chunk])
+            logits = self._forward(part, s, check)
+            self.tokens.extend(part)
+        stats.prefill_tokens += len(ids) - common
+        stats.prefill_seconds += time.perf_counter() - start
+        return logits[-1]
+
+    def decode(self, token: int, stats: StepStats, spec_next: bool = True) -> torch.Tensor:
+        """Append one token; logits for the next. Scores the last speculation against the truth."""
+        if len(self.tokens) >= self.context_length:
+            raise EdgeReadmeError(f"context length {self.context_length} reached; raise "
+                                  "--context-length or start a new conversation")
+        start, pos = time.perf_counter(), len(self.tokens)
+        logits = self._forward([token], pos, None)[-1]
+        self.tokens.append(token)
+        if self._spec_guess is not None:
+            stats.speculations += 1
+            stats.speculations_right += int(torch.equal(self._spec_guess, self.routes[pos]))
+            self._spec_guess = None
+        if spec_next and self.router is not None and self.options.speculate:
+            self._speculate(logits)
+        stats.decode_tokens += 1
+        stats.decode_seconds += time.perf_counter() - start
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], pos: int, check) -> torch.Tensor:
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        after_layer = (lambda layer: check()) if check is not None else None
+        try:
+            if self.router is None:
+                return self.model(x, self.kv, pos, after_layer=after_layer)
+            route = self.router.route(x, self.router_cache, pos).cpu()  # [T, L]
+            self.routes[pos:pos + len(ids)] = route
+            order = self._schedule(route)
+            return self.model(x, self.kv, pos, route=route.to(self.device), order=order,
+                              after_layer=after_layer)
+        except BaseException:
+            self.tokens = self.tokens[:pos]  # keys/values past pos are partial: forget them
+            if self.prefetcher is not None:
+                self.prefetcher.cancel_pending()
+            raise
+
+    def _schedule(self, route: torch.Tensor) -> list[list[int]]:
+        """Per layer, the order of expert groups; tells the cache the future and queues loads.
+
+        Within a layer, resident experts run first (their compute hides the other loads), and the
+        last token's expert runs last, so that it is the freshest when decoding continues.
+        """
+        cache = self.cache
+        order: list[list[int]] = []
+        future: list[Key] = []
+        last = route[-1].tolist()
+        for layer in range(route.shape[1]):
+            experts = torch.unique(route[:, layer]).tolist()
+            experts.sort(key=lambda e: (e == last[layer], not cache.contains((layer, e))))
+            order.append(experts)
+            future.extend((layer, e) for e in experts)
+        cache.lookahead.clear()
+        cache.lookahead.extend(future)
+        cache.lookahead.extend(self._queued_future)
+        self.prefetcher.submit(future)
+        return order
+
+    def set_queued(self, paths: list[torch.Tensor]) -> None:
+        """Router paths of queued requests' prompts: later accesses that Belady may plan for."""
+        keys: list[Key] = []
+        for route in paths:
+            for layer in range(route.shape[1]):
+                keys.extend((layer, e) for e in torch.unique(route[:, layer]).tolist())
+        self._queued_future = keys
+
+    def route_prompt(self, ids: Sequence[int]) -> torch.Tensor | None:
+        """The router's path for a whole prompt, from scratch, with a private cache."""
+        if self.router is None or not ids:
+            return None
+        ids = list(ids)[: self.context_length]
+        cache = self.router.new_cache(len(ids))
+        with torch.inference_mode():
+            return self.router.route(torch.tensor(ids, device=self.device), cache, 0).cpu()
+
+    def _speculate(self, logits: torch.Tensor) -> None:
+        """Route the top-k likely next tokens; prefetch the first layers of the likeliest path.
+
+        The router writes its keys/values at the next position; the real token rewrites them.
+        """
+        o, pos = self.options, len(self.tokens)
+        if pos >= self.context_length:
+            return
+        cands = torch.topk(logits.float(), min(o.speculate, logits.numel())).indices
+        with torch.inference_mode():
+            paths = [self.router.route(cands[i:i + 1], self.router_cache, pos).cpu()[0]
+                     for i in range(len(cands))]  # each [L]
+        self._spec_guess = paths[0]
+        depth = min(o.speculate_layers, len(paths[0]))
+        keys = [(layer, int(paths[0][layer])) for layer in range(depth)]
+        others = [(0, int(p[0])) for p in paths[1:] if (0, int(p[0])) not in keys]
+        self.cache.lookahead.clear()
+        self.cache.lookahead.extend(keys + list(dict.fromkeys(others)))
+        self.prefetcher.submit(keys)
+
+    # ------------------------------------------------------------------ reporting
+
+    def resident_bytes(self) -> int:
+        """Bytes the runtime holds on the compute device, all allocated at start."""
+        total = sum(p.nbytes for p in self.model.parameters())
+        total += sum(b.nbytes for b in self.model.buffers()) + self.kv.nbytes
+        if self.router is not None:
+            total += sum(p.nbytes for p in self.router.parameters())
+            total += sum(b.nbytes for b in self.router.buffers())
+        if self.cache is not None:
+            total += self.cache.block.nbytes
+        return total
+
+    def memory_report(self) -> dict:
+        d = self.plan.to_json()
+        d["resident_bytes"] = self.resident_bytes()
+        if self.device.type == "cuda":
+            d["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.cache is not None:
+            d["peak_expert_bytes"] = self.cache.stats.peak_resident_bytes
+        return d
