@@ -65,7 +65,7 @@ def mean_abs_activation(bb: fn.Backbone, seqs: list[list[int]], batch: int = 4,
         total[layer] += act.abs().sum(dim=(0, 1)).double()
 
     for ids in _batches(seqs, batch):
-        fn.dense_forward(bb, ids, hook)
+        fn.dense_forward(bb, ids, hook, head=False)
         if bar is not None:
             bar.update(ids.numel())
     return (total / max(1, sum(len(s) for s in seqs))).float()
@@ -116,7 +116,7 @@ def token_features(bb: fn.Backbone, seqs: list[list[int]], seed: int,
     with tqdm(total=sum(map(len, seqs)), desc="features", unit="tok", disable=not progress) as bar:
         for ids in _batches(seqs, 4):
             cur.clear()
-            fn.dense_forward(bb, ids, hook)
+            fn.dense_forward(bb, ids, hook, head=False)
             feats.append(torch.cat(cur, dim=-1))
             bar.update(ids.numel())
     return torch.cat(feats)
@@ -157,7 +157,7 @@ def cluster_stats(bb: fn.Backbone, seqs: list[list[int]], labels: torch.Tensor, 
     with tqdm(total=sum(map(len, seqs)), desc="cluster stats", unit="tok",
               disable=not progress) as bar:
         for ids in _batches(seqs, 4):
-            fn.dense_forward(bb, ids, hook)
+            fn.dense_forward(bb, ids, hook, head=False)
             offset[0] += ids.numel()
             bar.update(ids.numel())
     return (total / count[:, None, None]).float()

@@ -74,8 +74,10 @@ def logits(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, t.get("lm_head.weight", t["model.embed_tokens.weight"]))
 
 
-def dense_forward(bb: Backbone, ids: torch.Tensor, hook=None) -> torch.Tensor:
-    """ids [B, T] -> logits [B, T, V]; hook(layer, act [B, T, F]) sees each down_proj input."""
+def dense_forward(bb: Backbone, ids: torch.Tensor, hook=None,
+                  head: bool = True) -> torch.Tensor:
+    """ids [B, T] -> logits [B, T, V] (hidden [B, T, D] without the head); hook(layer,
+    act [B, T, F]) sees each down_proj input."""
     x = embed(bb, ids)
     for i in range(bb.config.num_layers):
         x = attention_block(bb, i, x)
@@ -83,7 +85,7 @@ def dense_forward(bb: Backbone, ids: torch.Tensor, hook=None) -> torch.Tensor:
         if hook is not None:
             hook(i, act)
         x = x + dense_down(bb, i, act)
-    return logits(bb, x)
+    return logits(bb, x) if head else x
 
 
 # ---- the MoE FFN -------------------------------------------------------------------------

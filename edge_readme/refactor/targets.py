@@ -43,7 +43,7 @@ def expert_scores(bb: fn.Backbone, seqs: list[list[int]], masks: Masks,
                 imp = importance(act.reshape(-1, act.shape[-1]))
                 per_layer.append((imp @ member[layer]).view(*act.shape[:2], -1))  # [B, T, E]
 
-            fn.dense_forward(bb, ids, hook)
+            fn.dense_forward(bb, ids, hook, head=False)
             out.append(torch.stack(per_layer, dim=2))  # [B, T, L, E]
             bar.update(ids.numel())
     return torch.cat(out)

@@ -1,0 +1,149 @@
+"""Dense -> MoE refactoring on a tiny random Llama: masks, writer, end to end, resume, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from edge_readme.config import RouterConfig
+from edge_readme.errors import DataError
+from edge_readme.experts_format import read_manifest
+from edge_readme.loader import load_model
+from edge_readme.refactor import calibrate, functional as fn
+from edge_readme.refactor.evaluate import evaluate, open_moe, seq_logits
+from edge_readme.refactor.masks import build_masks
+from edge_readme.refactor.pipeline import refactor
+from edge_readme.refactor.tiny import write_tiny_llama
+from edge_readme.refactor.corpus import load_user_data
+
+WORDS = {"code": "def return import class self for in if else print lambda".split(),
+         "legal": "shall licence warranty party agreement liability terms hereby".split(),
+         "prose": "the moon river night she walked softly over hills dreaming".split()}
+ROUTER = RouterConfig(dim=16, num_layers=1, num_heads=2, ffn_dim=32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    recs = [{"domain": d, "text": " ".join(rng.choice(ws) for _ in range(120))}
+            for d, ws in WORDS.items() for _ in range(10)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    write_tiny_llama(root / "dense", [r["text"] for r in recs])
+    return root
+
+
+def run(tiny, out, **kw):
+    args = dict(data=[tiny / "data.jsonl"], seq_len=32, sequences_per_domain=4, router_steps=10,
+                cache_dir=tiny / "cache", router_config=ROUTER, progress=False)
+    args.update(kw)
+    return refactor(tiny / "dense", out, **args)
+
+
+def test_masks_on_hand_built_statistics():
+    # 2 domains, 1 layer, 6 neurons: domain 0 prefers 0,1,2; domain 1 prefers 1,2,3
+    stats = torch.tensor([[[9., 8., 7., 1., 0., 0.]], [[0., 8., 7., 9., 1., 0.]]])
+    m = build_masks(stats, 0.5)
+    assert m.shared[0].tolist() == [1, 2]
+    assert [x.tolist() for x in m.experts[0]] == [[0], [3]]
+    full = build_masks(stats, 1.0)  # all neurons shared: placeholder rows, zeroed downs
+    assert full.shared[0].tolist() == list(range(6))
+    assert all(len(x) == 1 for x in full.experts[0])
+
+
+def test_end_to_end_writes_a_loadable_moe(tiny, tmp_path):
+    out = tmp_path / "moe"
+    rep = run(tiny, out)
+    assert 0 <= rep["router_accuracy"] <= 1 and rep["params"]["active_ffn_fraction"] == 0.5
+    for name in ("model.safetensors", "experts.safetensors", "masks.safetensors"):
+        with safe_open(str(out / name), framework="pt") as f:
+            assert list(f.keys())
+    with safe_open(str(out / "masks.safetensors"), framework="pt") as f:
+        assert f.get_tensor("layers.0.shared").dtype == torch.int32
+    loaded = load_model(out)
+    assert loaded.config.moe.num_experts == 3 and loaded.chat_template
+    assert any(k.startswith("router.") for k in loaded.tensors)
+    assert "model.layers.0.mlp.shared.gate_proj.weight" in loaded.tensors
+    assert read_manifest(out).num_experts == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_runtime_moe_matches_functional_twin(tiny, tmp_path):
+    out = tmp_path / "moe"
+    run(tiny, out, recovery="none")
+    loaded, model, router, masks = open_moe(out)
+    dense = load_model(tiny / "dense")
+    bb = fn.Backbone.create(dense.config, dense.tensors, 32)
+    layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(2)]
+    ids = torch.randint(0, dense.config.vocab_size, (20,))
+    route = router.route(ids)
+    want = fn.moe_forward(bb, layers, ids[None], route[None])[0]
+    torch.testing.assert_close(seq_logits(model, ids, route), want, rtol=2e-2, atol=2e-2)
+
+
+def test_refit_improves_on_masks_alone(tiny, tmp_path):
+    docs = load_user_data([tiny / "data.jsonl"])
+    kw = dict(seq_len=32, sequences_per_domain=2, progress=False)
+    run(tiny, tmp_path / "none", recovery="none")
+    run(tiny, tmp_path / "refit", recovery="refit")
+    a = evaluate(tmp_path / "none", docs, tiny / "dense", **kw)["mean_ratio"]
+    b = evaluate(tmp_path / "refit", docs, tiny / "dense", **kw)["mean_ratio"]
+    assert b < a
+
+
+def test_resume_from_cached_statistics(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    run(tiny, tmp_path / "a", cache_dir=cache)
+    assert len(list(cache.glob("stats-*.safetensors"))) == 3
+
+    def boom(*a, **k):
+        raise AssertionError("statistics recomputed despite the cache")
+
+    monkeypatch.setattr(calibrate, "mean_abs_activation", boom)
+    run(tiny, tmp_path / "b", cache_dir=cache)
+
+
+def test_kmeans_experts_for_unlabelled_data(tiny, tmp_path):
+    rep = run(tiny, tmp_path / "k", experts=2)
+    assert rep["domains"] == ["cluster0", "cluster1"]
+    assert load_model(tmp_path / "k").config.moe.num_experts == 2
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(active_fraction=0.0), "active fraction"),
+    (dict(active_fraction=1.5), "active fraction"),
+    (dict(experts=1), "at least 2 experts"),
+    (dict(experts=100), "experts need at least"),
+    (dict(recovery="magic"), "recovery"),
+])
+def test_bad_arguments(tiny, tmp_path, kw, match):
+    with pytest.raises(DataError, match=match):
+        run(tiny, tmp_path / "x", **kw)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_data(tiny, tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        run(tiny, tmp_path / "x", data=[tmp_path / "missing.txt"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="no text"):
+        run(tiny, tmp_path / "x", data=[empty])
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(WORDS["code"] * 40))
+    with pytest.raises(DataError, match="one domain"):
+        run(tiny, tmp_path / "x", data=[one])
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_target_needs_force(tiny, tmp_path):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    with pytest.raises(DataError, match="already exists"):
+        run(tiny, out)
+    assert (out / "keep").exists()
+    run(tiny, out, force=True)
+    assert not (out / "keep").exists() and (out / "config.json").exists()
