@@ -1,0 +1,66 @@
+"""`edge-readme serve`: the local OpenAI-compatible server (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .common import ProgressBars, engine_kwargs, friendly, model_options
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback is reachable from the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGE_README_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (also from $EDGE_README_API_KEY).")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=None,
+              help="Longest prompt a request may send [default: context length - 1].")
+@click.option("--max-tokens-limit", type=click.IntRange(1), default=2048, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+@friendly
+def serve_command(model: str, host: str, port: int, api_key: str | None,
+                  max_prompt_tokens: int | None, max_tokens_limit: int, max_body_bytes: int,
+                  log_level: str, **kw: Any) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/models and /health.
+
+    The server listens at once and loads the model in the background; GET /health shows
+    the load progress and answers 200 when requests can be served."""
+    from ..server.app import _require, default_model_name, serve_loading
+    from ..server.protocol import Limits
+
+    _require("fastapi"), _require("uvicorn")  # fail before loading anything
+    options = engine_kwargs(kw)
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
+                    default_max_tokens=min(512, max_tokens_limit), max_body_bytes=max_body_bytes)
+    name = default_model_name(model)
+    if host not in LOOPBACK and api_key is None:
+        click.echo(f"warning: listening on {host} without --api-key; anyone who can reach "
+                   "this port can use the model", err=True)
+
+    def load(progress):
+        from ..engine import Engine
+
+        bars = ProgressBars(enabled=sys.stderr.isatty())
+
+        def both(stage: str, frac: float) -> None:
+            progress(stage, frac)
+            bars(stage, frac)
+
+        try:
+            return Engine.load(model, on_progress=both, **options)
+        finally:
+            bars.close()
+
+    click.echo(f"serving {name} at http://{host}:{port}/v1 (GET /health shows loading)", err=True)
+    serve_loading(load, name, host=host, port=port, api_key=api_key, limits=limits,
+                  log_level=log_level)

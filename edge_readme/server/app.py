@@ -1,0 +1,345 @@
+"""A local OpenAI-compatible HTTP server over one `Engine` (FastAPI + uvicorn, the `serve` extra).
+
+Endpoints: POST /v1/chat/completions and /v1/completions (SSE with `stream: true`), GET /v1/models
+and GET /health (load progress; 503 until the model is ready). Engine calls block, so each request
+is pumped from its own thread into the event loop; a client that disconnects cancels its request.
+This module knows HTTP and the wire format, not tokens, caches or budgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from ..engine import Chunk, Engine, Stream
+from ..errors import EdgeReadmeError, RequestError
+from . import protocol as P
+from .protocol import APIError, Limits
+
+INSTALL_HINT = "pip install 'edge-readme[serve]'"
+
+
+class ServeExtraMissing(EdgeReadmeError, ImportError):
+    """FastAPI or uvicorn is not installed."""
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ServeExtraMissing(f"the server needs {module.split('.')[0]}, which is not "
+                                f"installed; run: {INSTALL_HINT}") from None
+
+
+def default_model_name(model: str | Path) -> str:
+    """The name clients use: a registry name as is, a file or folder by its stem."""
+    s, p = str(model), Path(str(model))
+    if p.suffix == ".gguf":
+        return p.stem
+    return p.name if (os.sep in s or p.exists()) else s
+
+
+class EngineHolder:
+    """The engine, or its load in progress: /health reports the stage; completions wait."""
+
+    def __init__(self, engine: Engine | None = None):
+        self.engine = engine
+        self.stage, self.fraction = ("ready", 1.0) if engine else ("starting", 0.0)
+        self.error: BaseException | None = None
+        self.served = {"requests": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
+        self._lock = threading.Lock()
+
+    def start_loading(self, load: Callable[[Callable[[str, float], None]], Engine],
+                      on_failure: Callable[[], None] = lambda: None) -> "EngineHolder":
+        """Run `load(on_progress)` in a daemon thread; the holder reports its progress."""
+
+        def progress(stage: str, frac: float) -> None:
+            self.stage, self.fraction = stage, float(frac)
+
+        def run() -> None:
+            try:
+                self.engine = load(progress)
+                self.stage, self.fraction = "ready", 1.0
+            except BaseException as e:  # reported on /health and re-raised by serve_loading
+                self.error, self.stage = e, "failed"
+                on_failure()
+
+        threading.Thread(target=run, name="edge-readme-load", daemon=True).start()
+        return self
+
+    def ready(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        if self.error is not None:
+            raise APIError(503, f"the model failed to load: {self.error}", code="model_failed",
+                           type="server_error")
+        raise APIError(503, f"the model is loading ({self.stage} {self.fraction:.0%}); "
+                            "retry when GET /health says ready", code="model_loading",
+                       type="server_error")
+
+    def finished(self, reason: str) -> None:
+        with self._lock:
+            self.served["requests"] += 1
+            self.served[reason] = self.served.get(reason, 0) + 1
+
+
+def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
+               limits: Limits = Limits(), model_name: str | None = None):
+    """The ASGI app. Pass an `EngineHolder` that is loading to answer /health meanwhile."""
+    fastapi = _require("fastapi")
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    holder = engine if isinstance(engine, EngineHolder) else EngineHolder(engine)
+    if model_name is None:
+        model_name = default_model_name(holder.engine.name) if holder.engine else "model"
+    app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.holder, app.state.limits = holder, limits
+
+    def names() -> set[str]:
+        e = holder.engine
+        return {model_name} | ({e.name, default_model_name(e.name)} if e else set())
+
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request, exc: HTTPException):
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                       code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    async def crash(request, exc: Exception):
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def authorize(request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def health(request):
+        e = holder.engine
+        body = {"status": "ok" if e else "failed" if holder.error else "loading",
+                "model": model_name,
+                "progress": {"stage": holder.stage, "fraction": round(holder.fraction, 4)},
+                "served": dict(holder.served)}
+        if holder.error is not None:
+            body["error"] = str(holder.error)
+        return JSONResponse(body, status_code=200 if e else 503)
+
+    async def models(request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": 0, "owned_by": "edge-readme"}]})
+
+    async def complete(request):
+        chat = request.url.path.endswith("/chat/completions")
+        authorize(request)
+        body = P.parse_json(await _read_body(request, limits.max_body_bytes))
+        eng = holder.ready()
+        model = P.model_field(body, names(), model_name)
+        kw = P.sampling(body, limits)
+        stream_it, include_usage = P.streaming(body)
+        raw = P.messages(body) if chat else P.prompt(body)
+        try:
+            stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits)
+        except RequestError as e:
+            raise P.bad(str(e), "messages" if chat else "prompt") from None
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        events = _pump(stream, holder)
+        if stream_it:
+            return _EventStream(_sse(events, rid, model, chat, include_usage, n_prompt), stream)
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, stream))
+        try:
+            text, last = [], None
+            async for c in events:
+                text.append(c.text)
+                last = c
+        finally:
+            watcher.cancel()
+            stream.cancel()
+        assert last is not None and last.finish_reason is not None
+        stats = last.stats or {}
+        use = P.usage(n_prompt, stats.get("completion_tokens", 0))
+        make = P.chat_body if chat else P.completion_body
+        return JSONResponse(make(rid, model, "".join(text), last.finish_reason, use, stats))
+
+    # Plain Starlette routes: handlers take the request and return responses, no schema magic.
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crash)
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/models", models, methods=["GET"])
+    app.add_route("/v1/chat/completions", complete, methods=["POST"])
+    app.add_route("/v1/completions", complete, methods=["POST"])
+    return app
+
+
+async def _read_body(request, limit: int) -> bytes:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise APIError(413, f"the request body is {size} bytes; this server takes at most "
+                            f"{limit} (--max-body-bytes)", code="request_too_large")
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes (--max-body-bytes)",
+                           code="request_too_large")
+    return bytes(data)
+
+
+def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits) -> tuple[Stream, int]:
+    """Tokenize, check the prompt limit and queue the request (runs in a worker thread)."""
+    text = engine.chat_prompt(raw) if chat else raw
+    ids = engine.tokenizer.encode(text) if isinstance(text, str) else list(text)
+    limit = limits.max_prompt_tokens or engine.runtime.context_length - 1
+    if len(ids) > limit:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit} "
+                            "(--max-prompt-tokens / --context-length)",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    return engine.stream(ids, **kw), len(ids)
+
+
+async def _pump(stream: Stream, holder: EngineHolder) -> AsyncIterator[Chunk]:
+    """Chunks of `stream`, read by a thread of their own so the event loop never blocks."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is gone (server shutting down); the engine finishes
+            pass
+
+    def run() -> None:
+        try:
+            for chunk in stream:
+                put(chunk)
+        except BaseException as e:
+            put(e)
+        holder.finished(stream.result.finish_reason if stream.result else "error")
+
+    threading.Thread(target=run, name="edge-readme-pump", daemon=True).start()
+    while True:
+        item = await q.get()
+        if isinstance(item, EdgeReadmeError):
+            raise P.bad(str(item))
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
+
+
+async def _sse(events: AsyncIterator[Chunk], rid: str, model: str, chat: bool,
+               include_usage: bool, n_prompt: int) -> AsyncIterator[bytes]:
+    if chat:
+        yield P.sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+    try:
+        async for c in events:
+            if c.text:
+                yield P.sse(P.chat_chunk(rid, model, {"content": c.text}) if chat
+                            else P.completion_chunk(rid, model, c.text))
+            if c.finish_reason is None:
+                continue
+            yield P.sse(P.chat_chunk(rid, model, {}, c.finish_reason) if chat
+                        else P.completion_chunk(rid, model, "", c.finish_reason))
+            if include_usage:
+                use = P.usage(n_prompt, (c.stats or {}).get("completion_tokens", 0))
+                yield P.sse(P.chat_chunk(rid, model, None, use=use) if chat
+                            else P.completion_chunk(rid, model, None, use=use))
+    except APIError as e:  # the status line is already sent: report in the stream
+        yield P.sse(e.body())
+    yield P.sse("[DONE]")
+
+
+async def _cancel_on_disconnect(receive, stream: Stream) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+class _EventStream:
+    """An SSE response over a running engine stream; a client disconnect cancels the stream.
+
+    Written against the bare ASGI interface so the cancel does not depend on how a given
+    Starlette version notices disconnects."""
+
+    def __init__(self, events: AsyncIterator[bytes], stream: Stream):
+        self.events, self.stream = events, stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, self.stream))
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we wrote
+            pass
+        finally:
+            watcher.cancel()
+            self.stream.cancel()
+            await self.events.aclose()
+
+
+# ---------------------------------------------------------------- running
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail early, with a one-line reason, when the address cannot be bound."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise EdgeReadmeError(f"--host {host} --port {port}: cannot listen there "
+                                  f"({e.strerror}); pick another --port") from None
+
+
+def _server(app, host: str, port: int, log_level: str):
+    uvicorn = _require("uvicorn")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=2)
+    return uvicorn.Server(config)
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: Limits = Limits(), model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Serve a loaded engine until Ctrl-C. The caller keeps ownership of the engine."""
+    check_port(host, port)
+    app = create_app(engine, api_key, limits, model_name)
+    _server(app, host, port, log_level).run()
+
+
+def serve_loading(load: Callable[[Callable[[str, float], None]], Engine], model_name: str,
+                  host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                  limits: Limits = Limits(), log_level: str = "info") -> None:
+    """Listen at once and load with `load(on_progress)` in a thread; /health shows progress.
+
+    A failed load stops the server and its error is raised here; the engine is closed on exit."""
+    check_port(host, port)
+    holder = EngineHolder()
+    server = _server(create_app(holder, api_key, limits, model_name), host, port, log_level)
+    holder.start_loading(load, on_failure=lambda: setattr(server, "should_exit", True))
+    try:
+        server.run()
+    finally:
+        if holder.engine is not None:
+            holder.engine.close()
+    if holder.error is not None:
+        raise holder.error
