@@ -83,6 +83,11 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def context_limit(c: ModelConfig, asked: int) -> int:
+    limit = min(asked, c.max_position)
+    return min(limit, c.moe.router.max_position) if c.moe is not None else limit
+
+
 def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
              dtype: torch.dtype, context_length: int) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
@@ -123,7 +128,7 @@ def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
     o = RuntimeOptions(**kw)
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
-    ctx = min(o.context_length, loaded.config.max_position)
+    ctx = context_limit(loaded.config, o.context_length)
     manifest = read_manifest(loaded.path) if loaded.config.moe is not None else None
     plan = plan_for(loaded, manifest, o, device, dtype, ctx)
     d = plan.to_json()
@@ -142,7 +147,7 @@ class Runtime:
             torch.set_num_threads(o.threads)
         self.device = pick_device(o.device)
         self.dtype = pick_dtype(o.dtype, self.device)
-        self.context_length = min(o.context_length, self.config.max_position)
+        self.context_length = context_limit(self.config, o.context_length)
         if self.context_length < 2:
             raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
         self._stack = contextlib.ExitStack()

@@ -39,16 +39,22 @@ class Tokenizer:
             raise RequestError("this model has no chat template; use raw completion "
                                "(drop --chat) or a model whose metadata carries one")
         _check_messages(messages)
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _template_error
-            self._template = env.from_string(self.chat_template)
         bos = self.decode([self.bos_token_id]) if self.bos_token_id is not None else ""
         eos = self.decode([self.eos_token_id]) if self.eos_token_id is not None else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=eos)
+        try:
+            if self._template is None:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _template_error
+                self._template = env.from_string(self.chat_template)
+            return self._template.render(messages=messages, bos_token=bos, eos_token=eos,
+                                         add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # SecurityError included: the sandbox refused something
+            raise RequestError(f"the model's chat template failed in the sandbox: {e}; use raw "
+                               "completion or fix tokenizer.chat_template") from None
 
 
 def _template_error(msg: str) -> None:

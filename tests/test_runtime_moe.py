@@ -1,0 +1,158 @@
+"""The golden test: the budget-limited, prefetching runtime yields exactly the tokens of a naive
+all-in-memory reference, at every budget from the minimum up and under every cache policy."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import pytest
+import torch
+
+from edge_readme import BudgetTooSmallError, Engine, ExpertFileError
+from edge_readme.experts_format import read_manifest
+from edge_readme.loader import load_model
+from edge_readme.model import ExpertWeights, KVCache, build_transformer
+from edge_readme.router import Router
+from edge_readme.runtime import dry_run_plan
+from tests.tiny_models import write_moe
+
+PROMPTS = ["the theory of heat", " a tiny test, then another one", "on and on"]
+POLICIES = ["belady", "lru", "lfu", "fifo"]
+
+
+class InMemoryExperts:
+    """The naive reference provider: every expert read fully into memory up front."""
+
+    def __init__(self, folder):
+        from safetensors.torch import load_file
+
+        m = read_manifest(folder)
+        raw = load_file(str(m.path))
+        self.w = {e.key: raw[f"layers.{e.layer}.experts.{e.expert}"].float() for e in m.entries}
+
+    @contextlib.contextmanager
+    def get(self, layer, expert):
+        t = self.w[(layer, expert)]
+        yield ExpertWeights(gate=t[0], up=t[1], down_t=t[2])
+
+
+def reference_tokens(folder, prompt_ids, n):
+    """Greedy tokens from a plain forward: router per step, all experts in memory, no cache."""
+    lm = load_model(folder)
+    c = lm.config
+    model = build_transformer(c, lm.tensors, "cpu", torch.float32, rope_length=256)
+    model.attach_experts(InMemoryExperts(folder))
+    router = Router.from_tensors(c.moe.router, c.moe.num_experts, c.num_layers, c.moe.routing,
+                                 lm.tensors)
+    ids, out = list(prompt_ids), []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = torch.tensor(ids)
+            route = router.route(x)  # whole sequence, recomputed: no incremental state at all
+            logits = model(x, KVCache(c, 256), 0, route=route)
+            tok = int(logits[-1].argmax())
+            if tok in c.eos_token_ids:
+                break
+            out.append(tok)
+            ids.append(tok)
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return write_moe(tmp_path_factory.mktemp("moe") / "tiny-moe", num_experts=4, layers=3)
+
+
+@pytest.fixture(scope="module")
+def reference(moe):
+    with Engine.load(str(moe), device="cpu", context_length=128) as e:
+        prompts = [e.tokenizer.encode(p) for p in PROMPTS]
+    return {tuple(p): reference_tokens(moe, p, 12) for p in prompts}
+
+
+def test_all_resident_engine_equals_naive_reference(moe, reference):
+    with Engine.load(str(moe), device="cpu", context_length=128) as e:
+        assert e.runtime.plan.slots == 12
+        for ids, want in reference.items():
+            assert e.generate(list(ids), max_tokens=12).token_ids == want
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("slots", [1, 2, 5, 9])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_every_budget_and_policy_gives_the_same_tokens(moe, reference, policy, slots, prefetch):
+    plan = dry_run_plan(str(moe), {"device": "cpu", "context_length": 128})
+    budget = plan["minimum_bytes"] + (slots - 1) * plan["slot_bytes"]
+    with Engine.load(str(moe), device="cpu", context_length=128, memory_budget=budget,
+                     policy=policy, prefetch=prefetch) as e:
+        assert e.runtime.plan.slots == slots
+        for ids, want in reference.items():
+            r = e.generate(list(ids), max_tokens=12)
+            assert r.token_ids == want
+            assert r.stats["cache"]["peak_resident_bytes"] <= slots * plan["slot_bytes"]
+        assert e.runtime.resident_bytes() <= budget
+
+
+def test_budget_below_minimum_is_refused_with_the_minimum(moe):
+    plan = dry_run_plan(str(moe), {"device": "cpu", "context_length": 128})
+    with pytest.raises(BudgetTooSmallError, match="below the minimum") as info:
+        Engine.load(str(moe), device="cpu", context_length=128,
+                    memory_budget=plan["minimum_bytes"] - 1)
+    assert info.value.minimum_bytes == plan["minimum_bytes"]
+    assert "--memory-budget" in str(info.value)
+
+
+def test_dry_run_plan_fields(moe):
+    plan = dry_run_plan(str(moe), {"device": "cpu", "context_length": 128,
+                                   "memory_budget": "64MiB"})
+    assert plan["budget_bytes"] == 64 * 2**20
+    assert plan["minimum_bytes"] < plan["all_resident_bytes"]
+    assert plan["slots"] == plan["expert_keys"] == 12
+
+
+def test_belady_hits_at_least_as_often_as_lru(moe):
+    ratios = {}
+    for policy in ("belady", "lru"):
+        plan = dry_run_plan(str(moe), {"device": "cpu", "context_length": 128})
+        budget = plan["minimum_bytes"] + 3 * plan["slot_bytes"]
+        with Engine.load(str(moe), device="cpu", context_length=128, memory_budget=budget,
+                         policy=policy, prefetch=False, speculate=0) as e:
+            for p in PROMPTS:
+                e.generate(p, max_tokens=16)
+            ratios[policy] = e.stats()["cache"]["hit_ratio"]
+    assert ratios["belady"] >= ratios["lru"]
+
+
+def test_corrupt_expert_fails_the_request_and_the_engine_stays_usable(moe, reference, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(moe, folder)
+    m = read_manifest(folder)
+    entry = m.entries[5]
+    original = (folder / "experts.safetensors").read_bytes()
+    broken = bytearray(original)
+    broken[entry.offset + 7] ^= 0xFF
+    plan = dry_run_plan(str(folder), {"device": "cpu", "context_length": 128})
+    with Engine.load(str(folder), device="cpu", context_length=128, verify=True,
+                     memory_budget=plan["minimum_bytes"] + plan["slot_bytes"]) as e:
+        (folder / "experts.safetensors").write_bytes(bytes(broken))
+        errors = []
+        for ids in reference:
+            try:
+                e.generate(list(ids), max_tokens=12)
+            except ExpertFileError as err:
+                errors.append(err)
+        assert errors, "no prompt touched the corrupted expert"
+        assert f"layer {entry.layer}" in str(errors[0]) and f"expert {entry.expert}" in str(errors[0])
+        (folder / "experts.safetensors").write_bytes(original)
+        for ids, want in reference.items():
+            assert e.generate(list(ids), max_tokens=12).token_ids == want
+
+
+def test_prefix_reuse_across_turns_keeps_tokens_exact(moe, reference):
+    with Engine.load(str(moe), device="cpu", context_length=128) as e:
+        ids, want = next(iter(reference.items()))
+        first = e.generate(list(ids), max_tokens=12)
+        again = e.generate(list(ids), max_tokens=12)
+        assert again.stats["reused_prompt_tokens"] == len(ids) - 1
+        assert first.token_ids == again.token_ids == want
