@@ -124,7 +124,7 @@ class MoEFFN(nn.Module):
         self.experts: ExpertProvider | None = None
 
     def forward(self, x, layer: int, route: torch.Tensor, order: Iterable[int] | None = None):
-        # x: [T, D]; route: [T] expert index of each token at this layer
+        # x: [T, D]; route: [T] expert index of each token at this layer, on the CPU (no syncs)
         out = self.shared(x, layer)
         assert self.experts is not None, "MoE layer used before an expert provider was attached"
         if x.shape[0] == 1:
@@ -132,7 +132,7 @@ class MoEFFN(nn.Module):
                 return out + expert_ffn(x, w)
         groups = order if order is not None else torch.unique(route).tolist()
         for e in groups:
-            idx = (route == e).nonzero().squeeze(1)  # [T_e]
+            idx = (route == e).nonzero().squeeze(1).to(x.device)  # [T_e]
             if idx.numel() == 0:
                 continue
             with self.experts.get(layer, e) as w:

@@ -263,7 +263,7 @@ class Runtime:
             route = self.router.route(x, self.router_cache, pos).cpu()  # [T, L]
             self.routes[pos:pos + len(ids)] = route
             order = self._schedule(route)
-            return self.model(x, self.kv, pos, route=route.to(self.device), order=order,
+            return self.model(x, self.kv, pos, route=route, order=order,
                               after_layer=after_layer)
         except BaseException:
             self.tokens = self.tokens[:pos]  # keys/values past pos are partial: forget them
