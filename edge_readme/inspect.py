@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import ModelFormatError
 from .loader import GGUF_MAGIC, _gguf_to_hf, _open_gguf, safetensors_files
 
@@ -40,9 +42,8 @@ def _tensor_sizes(path: Path) -> list[tuple[str, int, int]]:
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
             raise ModelFormatError(f"{path}: not a GGUF file or model folder")
-    reader = _open_gguf(path)
-    return [(_gguf_to_hf(t.name) or t.name, int(t.n_elements), int(t.n_bytes))
-            for t in reader.tensors]
+    g = _open_gguf(path)
+    return [(_gguf_to_hf(t.name) or t.name, int(np.prod(t.shape)), t.nbytes) for t in g.tensors]
 
 
 def describe(path: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,60 +98,48 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_field_value(f: Any) -> Any:
-    try:
-        return f.contents()
-    except Exception:  # a field type this gguf version cannot render; skip it
-        return None
-
-
 def _open_gguf(path: Path):
-    import gguf
+    from .gguf_file import GGUFFile
 
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        size = path.stat().st_size
-        raise ModelFormatError(
-            f"{path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e}; size {size} bytes). "
-            "Download it again (`edge-readme pull NAME`) or re-export it."
-        ) from None
+        return GGUFFile(path)
+    except ModelFormatError:
+        raise
+    except (ValueError, OSError, struct.error) as e:
+        raise ModelFormatError(f"{path}: GGUF file is truncated or corrupt ({e}); download it "
+                               "again (`edge-readme pull NAME`) or re-export it") from None
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    import gguf
+    import dataclasses
 
-    reader = _open_gguf(path)
-    fields = {k: _gguf_field_value(v) for k, v in reader.fields.items()}
-    config = ModelConfig.from_gguf_fields(fields, str(path))
+    g = _open_gguf(path)
+    config = ModelConfig.from_gguf_fields(g.fields, str(path))
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in g.tensors:
         name = _gguf_to_hf(t.name)
         if name is None:
             continue  # rope_freqs and other tensors we derive ourselves
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = g.dequantize(t)
         except NotImplementedError:
             raise ModelFormatError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                f"{path}: tensor {t.name} has type {t.type_name}, which the gguf package "
                 "cannot dequantize; re-export the model with a common type (F16, Q8_0, Q4_K...)"
             ) from None
         except (ValueError, IndexError) as e:
             raise ModelFormatError(f"{path}: tensor {t.name} is truncated or corrupt ({e}); "
                                    "download or export the file again") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))
         if name.endswith("q_proj.weight"):
             w = _unpermute(w, config.num_heads)
         elif name.endswith("k_proj.weight"):
             w = _unpermute(w, config.num_kv_heads)
         tensors[name] = w
-    tie = "lm_head.weight" not in tensors
-    import dataclasses
-
-    config = dataclasses.replace(config, tie_embeddings=tie)
+    config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in tensors)
     _check_tensors(config, tensors, str(path))
-    spec = _gguf_tokenizer(fields, path)
-    return LoadedModel(config, tensors, spec, fields.get("tokenizer.chat_template"), path)
+    spec = _gguf_tokenizer(g.fields, path)
+    return LoadedModel(config, tensors, spec, g.fields.get("tokenizer.chat_template"), path)
 
 
 def _gguf_to_hf(name: str) -> str | None:
@@ -305,9 +294,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_hf_dict(_read_json(p / "config.json"), str(p / "config.json"))
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or folder")
-    reader = _open_gguf(p)
-    fields = {k: _gguf_field_value(v) for k, v in reader.fields.items()
-              if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
-    config = ModelConfig.from_gguf_fields(fields, str(p))
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    g = _open_gguf(p)
+    config = ModelConfig.from_gguf_fields(g.fields, str(p))
+    tied = not any(t.name == "output.weight" for t in g.tensors)
     return dataclasses.replace(config, tie_embeddings=tied)

