@@ -263,8 +263,10 @@ class Runtime:
             route = self.router.route(x, self.router_cache, pos).cpu()  # [T, L]
             self.routes[pos:pos + len(ids)] = route
             order = self._schedule(route)
-            return self.model(x, self.kv, pos, route=route, order=order,
-                              after_layer=after_layer)
+            logits = self.model(x, self.kv, pos, route=route, order=order,
+                                after_layer=after_layer)
+            self.cache.step += 1  # numbers the forward passes in the cache's access trace
+            return logits
         except BaseException:
             self.tokens = self.tokens[:pos]  # keys/values past pos are partial: forget them
             if self.prefetcher is not None:

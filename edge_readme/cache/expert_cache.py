@@ -96,6 +96,8 @@ class ExpertCache:
         self._policy = make_policy(policy)
         self.lookahead = Lookahead()
         self.stats = CacheStats()
+        self.step = 0  # the forward pass being served; the runtime advances it
+        self.trace: list[tuple[int, int, int]] | None = None  # a list: record (step, layer, expert)
         self.num_slots = min(num_slots, len(manifest.entries))
         self._cond = threading.Condition()
         self._init_state()
@@ -154,6 +156,8 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """Block until (layer, expert) is resident, pin it, and return views of its weights."""
         key, start = (layer, expert), time.perf_counter()
+        if self.trace is not None:
+            self.trace.append((self.step, layer, expert))
         self.lookahead.advance(key)  # this access is no longer future: Belady ranks what follows
         with self._cond:
             waited = False

@@ -6,4 +6,6 @@ import click
 
 
 def register_extra(group: click.Group) -> None:
-    pass
+    from .bench import bench_command
+
+    group.add_command(bench_command)
