@@ -1,0 +1,29 @@
+"""Fine-tuning data-parallel over two CPU processes (torchrun, gloo): ranks stay identical."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_readme.loader import load_model
+
+from test_refactor import ROUTER, tiny  # noqa: F401  (the module fixture)
+
+
+@pytest.mark.slow
+def test_two_process_finetune(tiny, tmp_path):  # noqa: F811
+    args = {"model_path": str(tiny / "dense"), "out": str(tmp_path / "moe"),
+            "data": [str(tiny / "data.jsonl")], "seq_len": 32, "sequences_per_domain": 4,
+            "router_steps": 4, "finetune_steps": 3, "progress": False,
+            "cache_dir": str(tmp_path / "cache"), "checksum_dir": str(tmp_path)}
+    args["router_config"] = dataclasses.asdict(ROUTER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", "-m", "edge_readme.refactor.distributed", json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+    assert ranks[0]["report"]["finetune"]["experts"] is not None
+    assert load_model(tmp_path / "moe").config.moe.num_experts == 3
