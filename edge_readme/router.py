@@ -80,7 +80,8 @@ class Router(nn.Module):
                  num_backbone_layers: int, routing: str = "global"):
         super().__init__()
         if routing not in ("global", "per_layer"):
-            raise ModelFormatError(f"router routing is {routing!r}; expected 'global' or 'per_layer'")
+            raise ModelFormatError(
+                f"router routing is {routing!r}; expected 'global' or 'per_layer'")
         if cfg.dim % cfg.num_heads or (cfg.dim // cfg.num_heads) % 2:
             raise ModelFormatError(f"router dim {cfg.dim} must split into {cfg.num_heads} heads of "
                                    "even size; fix moe.router in config.json")
@@ -105,11 +106,12 @@ class Router(nn.Module):
         r = cls(cfg, backbone_embed.shape[0], num_experts, num_backbone_layers, routing)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            r.embed.copy_(backbone_embed[:, :cfg.dim].float())
-            r.embed.mul_(1.0 / (r.embed.std() + EPS))  # unit scale whatever the backbone's
             for name, p in r.named_parameters():
-                if p.dim() == 2 and name != "embed":
+                if p.dim() == 2:
                     p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            cols = min(cfg.dim, backbone_embed.shape[1])  # a narrower backbone fills part
+            src = backbone_embed[:, :cols].float()
+            r.embed[:, :cols] = src / (src.std() + EPS)  # unit scale whatever the backbone's
             for b in r.blocks:  # residual branches start near zero
                 b.wo.mul_(0.1)
                 b.w2.mul_(0.1)
@@ -120,13 +122,15 @@ class Router(nn.Module):
                      routing: str, tensors: dict[str, torch.Tensor], device=None) -> "Router":
         """Build from `router.*` tensors (as written by `state_tensors`)."""
         if "router.embed" not in tensors:
-            raise ModelFormatError("model.safetensors has no router tensors (router.embed missing); "
-                                   "the MoE folder is incomplete: re-run the refactor")
+            raise ModelFormatError("model.safetensors has no router tensors (router.embed "
+                                   "missing); the MoE folder is incomplete: re-run the refactor")
         with torch.device("meta"):
-            r = cls(cfg, tensors["router.embed"].shape[0], num_experts, num_backbone_layers, routing)
+            r = cls(cfg, tensors["router.embed"].shape[0], num_experts, num_backbone_layers,
+                    routing)
         want = dict(r.named_parameters())
         missing = sorted(f"router.{n}" for n in want if f"router.{n}" not in tensors)
-        wrong = [f"router.{n}: expected {tuple(p.shape)}, found {tuple(tensors['router.' + n].shape)}"
+        wrong = [f"router.{n}: expected {tuple(p.shape)}, "
+                 f"found {tuple(tensors['router.' + n].shape)}"
                  for n, p in want.items()
                  if f"router.{n}" in tensors and tensors[f"router.{n}"].shape != p.shape]
         if missing or wrong:

@@ -1,0 +1,99 @@
+"""Rebuild the default MoE from the dense GGUF plus small shipped artifacts.
+
+`edge_readme/artifacts/` holds `default_moe.json` (settings, the GGUF sha256 the artifacts are
+tied to), `default_masks.safetensors` and `default_router.safetensors` (fp16; the router embedding
+is stored only for the rows training changed, the rest is the GGUF embedding's first columns).
+The training-free refit then runs here, on the builtin calibration corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge_readme.config import MoEConfig, RouterConfig
+from edge_readme.errors import ModelFormatError
+from edge_readme.loader import load_model
+from edge_readme.router import Router
+from edge_readme.tokenizer import Tokenizer
+
+from . import functional as fn, recovery, targets
+from .masks import Masks
+from .pipeline import load_docs, tokenize
+from .writer import write_moe_folder
+
+META, MASKS, ROUTER = "default_moe.json", "default_masks.safetensors", "default_router.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_artifacts(moe_folder: Path, gguf_path: Path, dest: Path) -> None:
+    """Shrink a refactored folder (made from `gguf_path`) into the shipped artifacts."""
+    moe = load_model(moe_folder)
+    dense = load_model(gguf_path)
+    m = moe.config.moe
+    base = Router.init_from_embedding(m.router, dense.tensors["model.embed_tokens.weight"],
+                                      m.num_experts, moe.config.num_layers, m.routing).embed
+    router = {k: v for k, v in moe.tensors.items() if k.startswith("router.")}
+    emb = router.pop("router.embed")
+    rows = (emb.half().float() != base.half().float()).any(dim=1).nonzero().squeeze(1)
+    router["router.embed_rows"] = rows.to(torch.int32)
+    router["router.embed_values"] = emb[rows]
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v if v.dtype == torch.int32 else v.half() for k, v in router.items()},
+              str(dest / ROUTER))
+    save_file(load_file(str(Path(moe_folder) / "masks.safetensors")), str(dest / MASKS))
+    prov = json.loads((Path(moe_folder) / "refactor.json").read_text())
+    meta = {"gguf_sha256": sha256_file(gguf_path), "moe": m.to_dict(), "refactor": prov}
+    (dest / META).write_text(json.dumps(meta, indent=2))
+
+
+def build_default(gguf_path, out_folder, progress: bool = True, force: bool = False,
+                  artifacts: Path | None = None) -> Path:
+    """GGUF + shipped masks and router -> refit -> MoE folder (atomic)."""
+    src = Path(artifacts) if artifacts else Path(str(resources.files("edge_readme") / "artifacts"))
+    meta = json.loads((src / META).read_text())
+    digest = sha256_file(Path(gguf_path))
+    if digest != meta["gguf_sha256"]:
+        raise ModelFormatError(f"{gguf_path}: sha256 {digest} differs from {meta['gguf_sha256']}, "
+                               "the GGUF the default MoE artifacts were made from; pull that file")
+    dense = load_model(gguf_path)
+    moe = MoEConfig.from_dict(meta["moe"])
+    c, prov = dense.config, meta["refactor"]
+    masks = Masks.from_tensors(load_file(str(src / MASKS)), c.num_layers, moe.num_experts)
+    router = _router(src, moe.router, moe, c.num_layers, dense.tensors)
+    tok = Tokenizer(dense.tokenizer, dense.chat_template)
+    cal = tokenize(load_docs(None), tok.encode, prov["seq_len"], prov["sequences_per_domain"], 0)
+    bb = fn.Backbone.create(c, dense.tensors, prov["seq_len"])
+    layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(c.num_layers)]
+    seqs = cal.train_tensor()
+    if prov.get("recovery") == "refit":
+        route = targets.as_path(router.forward_batch(seqs).argmax(-1).detach(), c.num_layers,
+                                moe.routing)
+        recovery.refit(bb, layers, seqs, route, progress=progress)
+    config = dataclasses.replace(c, moe=moe)
+    return write_moe_folder(out_folder, config, bb, layers, router.state_tensors(), masks, tok,
+                            dense.chat_template, {**prov, "built_from": str(gguf_path)}, force)
+
+
+def _router(src: Path, cfg: RouterConfig, moe: MoEConfig, layers: int, tensors) -> Router:
+    t = {k: v.float() if v.is_floating_point() else v for k, v in
+         load_file(str(src / ROUTER)).items()}
+    base = Router.init_from_embedding(cfg, tensors["model.embed_tokens.weight"],
+                                      moe.num_experts, layers, moe.routing)
+    emb = base.embed.detach().clone()
+    emb[t.pop("router.embed_rows").long()] = t.pop("router.embed_values")
+    t["router.embed"] = emb
+    return Router.from_tensors(cfg, moe.num_experts, layers, moe.routing, t)
