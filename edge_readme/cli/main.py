@@ -109,8 +109,11 @@ def generate(prompt: str, model: str, chat: bool, system: str | None, max_tokens
 def _register() -> None:
     from .chat import chat
     from .extra import register_extra
+    from .refactor import eval_command, refactor_command
+    from .serve import serve_command
 
-    cli.add_command(chat)
+    for command in (chat, serve_command, refactor_command, eval_command):
+        cli.add_command(command)
     register_extra(cli)
 
 

@@ -1,0 +1,87 @@
+"""`edge-readme refactor` (dense -> Read-ME MoE) and `edge-readme eval` (quality against dense)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import friendly
+
+
+@click.command("refactor")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, type=click.Path(),
+              help="Calibration data: one domain per text file, or JSONL with a 'domain' field. "
+                   "Default: the built-in five-domain corpus.")
+@click.option("--experts", type=click.IntRange(2, 256), default=None,
+              help="Number of routed experts (default: one per domain; else k-means clusters).")
+@click.option("--active-fraction", type=float, default=0.5, show_default=True,
+              help="Share of each layer's FFN neurons a domain keeps, in (0, 1].")
+@click.option("--recovery", type=click.Choice(["none", "refit"]), default="refit",
+              show_default=True, help="Training-free recovery of the sliced experts.")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Alternating router/expert distillation steps (0 = off).")
+@click.option("--routing", type=click.Choice(["global", "per_layer"]), default="global",
+              show_default=True, help="One expert for every layer (Read-ME) or a per-layer path.")
+@click.option("--seq-len", type=click.IntRange(16), default=256, show_default=True)
+@click.option("--sequences-per-domain", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--router-steps", type=click.IntRange(0), default=400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int | None,
+                     active_fraction: float, recovery: str, finetune_steps: int, routing: str,
+                     seq_len: int, sequences_per_domain: int, router_steps: int, seed: int,
+                     force: bool, as_json: bool) -> None:
+    """Refactor the dense MODEL into a router-decoupled MoE folder OUT (Read-ME)."""
+    from ..refactor.pipeline import refactor
+    from ..registry import resolve
+
+    report = refactor(resolve(model), out, data=list(data) or None, experts=experts,
+                      active_fraction=active_fraction, finetune_steps=finetune_steps,
+                      recovery=recovery, seq_len=seq_len,
+                      sequences_per_domain=sequences_per_domain, seed=seed, force=force,
+                      routing=routing, router_steps=router_steps)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"wrote {out}")
+    for key in ("domains", "router_accuracy", "params"):
+        if key in report:
+            click.echo(f"  {key}: {report[key]}")
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--data", multiple=True, type=click.Path(),
+              help="Held-out data (text files or JSONL); default: the built-in held-out split.")
+@click.option("--reference", default=None, help="The dense model to compare against.")
+@click.option("--seq-len", type=click.IntRange(16), default=256, show_default=True)
+@click.option("--sequences-per-domain", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def eval_command(model: str, data: tuple[str, ...], reference: str | None, seq_len: int,
+                 sequences_per_domain: int, as_json: bool) -> None:
+    """Per-domain held-out perplexity of a MoE MODEL, against a dense --reference."""
+    from ..refactor.corpus import load_user_data
+    from ..refactor.evaluate import evaluate
+    from ..registry import resolve
+
+    docs = load_user_data(list(data)) if data else None
+    ref = resolve(reference) if reference else None
+    report = evaluate(resolve(model), docs=docs, reference=ref, seq_len=seq_len,
+                      sequences_per_domain=sequences_per_domain)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'domain':<16}{'moe ppl':>10}{'dense ppl':>11}{'ratio':>8}")
+    for name, row in report["domains"].items():
+        click.echo(f"{name:<16}{row.get('moe_ppl', float('nan')):>10.2f}"
+                   f"{row.get('dense_ppl', float('nan')):>11.2f}{row.get('ratio', float('nan')):>8.3f}")
+    for key in ("mean_ratio", "max_ratio", "router_accuracy", "teacher_forced_agreement",
+                "greedy_prefix_agreement"):
+        if key in report:
+            click.echo(f"{key}: {report[key]:.3f}")
