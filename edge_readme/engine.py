@@ -221,8 +221,8 @@ class Engine:
         rt, stats = self.runtime, StepStats()
         cache_before = rt.cache.stats.to_json() if rt.cache is not None else None
         sampler, decoder = Sampler(req.params), StreamDecoder(self.tokenizer)
-        text, out_ids, reason = "", [], "length"
-        t0 = time.perf_counter()
+        text, sent, out_ids, reason = "", 0, [], "length"  # text[:sent] is delivered
+        t0 = ttft = time.perf_counter()
 
         def check() -> None:
             if req.cancelled.is_set():
@@ -237,19 +237,23 @@ class Engine:
                     reason = "stop"
                     break
                 out_ids.append(token)
-                piece = decoder.push(token)
-                text += piece
-                if req.stop and any(s in text for s in req.stop):
-                    reason = "stop"
+                text += decoder.push(token)
+                cut = _stop_at(text, req.stop)
+                if cut is not None:
+                    text, reason = text[:cut], "stop"
                     break
-                req.out.put(Chunk(piece, token))
+                safe = len(text) - _held_back(text, req.stop)
+                req.out.put(Chunk(text[sent:safe], token))
+                sent = safe
                 if len(out_ids) >= req.max_tokens or req.cancelled.is_set():
                     reason = "cancelled" if req.cancelled.is_set() else "length"
                     break
                 logits = rt.decode(token, stats)
         except CancelledError:
-            reason, ttft = "cancelled", time.perf_counter() - t0
-        tail = decoder.flush() if reason != "stop" or not req.stop else ""
+            reason = "cancelled"
+        if reason != "stop":
+            text += decoder.flush()
+        tail = text[sent:]
         report = self._report(stats, cache_before, len(req.ids), len(out_ids), ttft)
         req.out.put(Chunk(tail, None, reason, report))
 
@@ -301,6 +305,22 @@ class Engine:
             d["cache"] = rt.cache.stats.to_json()
             d["speculation"] = {"guesses": t.speculations, "right": t.speculations_right}
         return d
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that could still begin a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
 
 
 def _rate(n: int, s: float) -> float | None:

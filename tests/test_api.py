@@ -243,3 +243,14 @@ def test_tk_window_streams_into_the_text_widget(engine):
         assert str(window.status["text"]).startswith("8 tokens")  # random bytes: check count
     finally:
         root.destroy()
+
+
+def test_stop_string_keeps_the_text_before_it(engine):
+    full = engine.generate("hello", max_tokens=24).text
+    assert len(full) > 6
+    stop = full[3:6]
+    r = engine.generate("hello", max_tokens=24, stop=[stop])
+    assert r.finish_reason == "stop"
+    assert r.text == full[:full.index(stop)]
+    streamed = "".join(c.text for c in engine.stream("hello", max_tokens=24, stop=[stop]))
+    assert streamed == r.text
