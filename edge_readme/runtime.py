@@ -280,9 +280,15 @@ class Runtime:
         last token's expert runs last, so that it is the freshest when decoding continues.
         """
         cache = self.cache
-        order: list[list[int]] = []
-        future: list[Key] = []
         last = route[-1].tolist()
+        if route.shape[0] == 1:  # decode: the path is the future, one expert per layer
+            future = list(enumerate(last))
+            cache.lookahead.clear()
+            cache.lookahead.extend(future + self._queued_future)
+            self.prefetcher.submit(future)
+            return [[e] for e in last]
+        order: list[list[int]] = []
+        future = []
         for layer in range(route.shape[1]):
             experts = torch.unique(route[:, layer]).tolist()
             experts.sort(key=lambda e: (e == last[layer], not cache.contains((layer, e))))
