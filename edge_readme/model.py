@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .numerics import q8_round_trip
+from .numerics import ggml_linear
 
 
 @dataclass
@@ -34,7 +34,7 @@ ActivationHook = Callable[[int, torch.Tensor], None]  # (layer, down_proj input 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
-    return F.linear(q8_round_trip(x) if act_quant else x, w)
+    return ggml_linear(x, w) if act_quant else F.linear(x, w)
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=torch.float32):
