@@ -1,4 +1,4 @@
-"""Dense decode and prefill speed: ours (fp32, bf16, int8 weight-only) vs llama.cpp, one run.
+"""Dense decode and prefill speed: our engine (fp32, bf16, int8 weight-only) vs llama.cpp, one run.
 
 Same GGUF, same thread count, same prompt; repetitions are interleaved so machine noise hits every
 variant alike. Prints tokens/s and ours/llama.cpp ratios, writes JSON (--out).
@@ -22,31 +22,19 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "Gutenberg combined movable metal type, oil-based ink and a wooden press.")
 
 
-def build_ours(lm, variant: str, length: int):
-    from edge_readme.model import KVCache, build_transformer
-    from edge_readme.quant import quantize_linears_int8
+def build_ours(model_path: str, variant: str, length: int, threads: int):
+    """Our engine in one of the variants: fp32, bf16, or int8 weight-only (bf16 compute)."""
+    from edge_readme import Engine
 
-    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
-    model = build_transformer(lm.config, lm.tensors, "cpu", dtype, rope_length=length)
-    if variant.startswith("int8"):
-        quantize_linears_int8(model, dtype)
-    cache = KVCache(lm.config, length, dtype=dtype)  # preallocated once, reused every round
-    return model, cache
+    kw = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"},
+          "int8": {"quantize": "int8"}}[variant]
+    return Engine.load(model_path, device="cpu", context_length=length, threads=threads, **kw)
 
 
-@torch.inference_mode()
-def run_ours(model, cache, ids: list[int], n: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    logits = model(torch.tensor(ids), cache, 0)
-    t1 = time.perf_counter()
-    tok = torch.empty(1, dtype=torch.long)
-    pos = len(ids)
-    for _ in range(n):
-        tok[0] = logits[-1].argmax()
-        logits = model(tok, cache, pos)
-        pos += 1
-    t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), n / (t2 - t1)
+def run_ours(engine, ids: list[int], n: int) -> tuple[float, float]:
+    engine.reset()  # no prefix reuse between rounds: every round prefills the whole prompt
+    stats = engine.generate(ids, max_tokens=n, ignore_eos=True).stats
+    return stats["prefill_tokens_per_s"], stats["decode_tokens_per_s"]
 
 
 def run_peer(llm, ids: list[int], n: int) -> tuple[float, float]:
@@ -62,8 +50,7 @@ def run_peer(llm, ids: list[int], n: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.environ.get("EDGE_README_TEST_GGUF",
-                                                      "/tmp/setup/model/model.gguf"))
+    ap.add_argument("--model", default="smollm2-135m", help="registry name or .gguf file")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per repetition")
     ap.add_argument("--rounds", type=int, default=3)
@@ -76,6 +63,9 @@ def main() -> None:
     from edge_readme.loader import load_model
     from edge_readme.tokenizer import Tokenizer
 
+    from edge_readme.registry import resolve
+
+    a.model = str(resolve(a.model))
     torch.set_num_threads(a.threads)
     lm = load_model(a.model)
     ids = Tokenizer(lm.tokenizer).encode(PROMPT)
@@ -84,8 +74,8 @@ def main() -> None:
                 verbose=False)
     runners = {"llama.cpp": lambda: run_peer(llm, ids, a.tokens)}
     for v in a.variants.split(","):
-        model, cache = build_ours(lm, v, length)
-        runners[v] = (lambda m=model, c=cache: run_ours(m, c, ids, a.tokens))
+        engine = build_ours(a.model, v, length, a.threads)
+        runners[v] = (lambda e=engine: run_ours(e, ids, a.tokens))
     for run in runners.values():  # warm-up: page in weights, pick kernels
         run()
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}

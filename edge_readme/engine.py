@@ -49,6 +49,7 @@ class _Request:
     params: SamplingParams
     max_tokens: int
     stop: tuple[str, ...]
+    ignore_eos: bool = False
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     route: Any = None  # router path of the prompt, for Belady's view of queued work
@@ -103,6 +104,7 @@ class Engine:
         self._pending: list[_Request] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._reset = False
         self.totals = StepStats()
         self._worker = threading.Thread(target=self._serve, name="edge-readme-engine", daemon=True)
         self._worker.start()
@@ -148,7 +150,8 @@ class Engine:
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None, stop: Sequence[str] = ()) -> Stream:
+               seed: int | None = None, stop: Sequence[str] = (),
+               ignore_eos: bool = False) -> Stream:
         ids = self._encode(prompt)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise RequestError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
@@ -157,13 +160,18 @@ class Engine:
             raise RequestError(f"prompt: {len(ids)} tokens, the context holds {limit}; "
                                "shorten the prompt or raise --context-length")
         params = SamplingParams(temperature, top_p, top_k, seed)
-        req = _Request(ids, params, min(max_tokens, limit - len(ids)), tuple(stop))
+        req = _Request(ids, params, min(max_tokens, limit - len(ids)), tuple(stop),
+                       ignore_eos=bool(ignore_eos))
         with self._lock:
             if self._closed:
                 raise EdgeReadmeError("the engine is closed")
             self._pending.append(req)
             self._queue.put(req)
         return Stream(req)
+
+    def reset(self) -> None:
+        """Forget the cached sequence: the next request prefills its whole prompt."""
+        self._reset = True
 
     def generate(self, prompt: str | Sequence[int], **kw: Any) -> Result:
         return self.stream(prompt, **kw).collect()
@@ -219,6 +227,8 @@ class Engine:
 
     def _run(self, req: _Request) -> None:
         rt, stats = self.runtime, StepStats()
+        if self._reset:
+            rt.tokens, self._reset = [], False
         cache_before = rt.cache.stats.to_json() if rt.cache is not None else None
         sampler, decoder = Sampler(req.params), StreamDecoder(self.tokenizer)
         text, sent, out_ids, reason = "", 0, [], "length"  # text[:sent] is delivered
@@ -233,7 +243,7 @@ class Engine:
             ttft = time.perf_counter() - t0
             while True:
                 token = sampler(logits)
-                if token in self.eos_ids:
+                if token in self.eos_ids and not req.ignore_eos:
                     reason = "stop"
                     break
                 out_ids.append(token)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .numerics import ggml_linear
 
 
 @dataclass
@@ -33,8 +32,38 @@ class ExpertProvider(Protocol):
 ActivationHook = Callable[[int, torch.Tensor], None]  # (layer, down_proj input [T, F])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
-    return ggml_linear(x, w) if act_quant else F.linear(x, w)
+@dataclass
+class Int8Weight:
+    """A [out, in] weight as int8 rows with one scale per row (weight-only quantization)."""
+
+    q: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out], compute dtype
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Int8Weight":
+        scale = w.float().abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
+        q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.to(w.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+Weight = torch.Tensor | Int8Weight
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    if isinstance(w, Int8Weight):  # CPU int8 weight-only kernel; x in the scales' dtype
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w.q, w.scale)
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, w)
+
+
+def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
+    if isinstance(w, Int8Weight):
+        return w.q[ids].to(w.scale.dtype) * w.scale[ids, None]  # [T, D]
+    return F.embedding(ids, w)
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=torch.float32):
@@ -72,11 +101,10 @@ class Attention(nn.Module):
         self.c = c
         self.wqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim, c.hidden_size), requires_grad=False)
         self.wo = nn.Parameter(torch.empty(c.hidden_size, c.q_dim), requires_grad=False)
-        self.act_quant = False
 
     def forward(self, x, layer: int, cache: KVCache, pos: int, cos, sin, mask):
         c, T = self.c, x.shape[0]
-        qkv = linear(x, self.wqkv, self.act_quant)  # [T, q + 2kv]
+        qkv = linear(x, self.wqkv)  # [T, q + 2kv]
         q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
         q = apply_rope(q.view(T, c.num_heads, c.head_dim).transpose(0, 1), cos, sin)  # [H, T, hd]
         k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1), cos, sin)
@@ -87,7 +115,7 @@ class Attention(nn.Module):
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo, self.act_quant)
+        return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
 
 
 class DenseFFN(nn.Module):
@@ -97,17 +125,16 @@ class DenseFFN(nn.Module):
         self.rows = rows
         self.w_gate_up = nn.Parameter(torch.empty(2 * rows, c.hidden_size), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(c.hidden_size, rows), requires_grad=False)
-        self.act_quant = False
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = linear(x, self.w_gate_up, self.act_quant).chunk(2, dim=-1)
+        g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
         return F.silu(g) * u  # [T, F]
 
     def forward(self, x, layer: int, hook: ActivationHook | None = None):
         h = self.act(x)
         if hook is not None:
             hook(layer, h)
-        return linear(h, self.w_down, self.act_quant)
+        return linear(h, self.w_down)
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
@@ -173,13 +200,21 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c.head_dim, rope_length or c.max_position, c.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.act_quant = False
 
-    def set_act_quant(self, on: bool) -> None:
-        """Emulate llama.cpp's 8-bit activation quantization (parity checks only)."""
+    def quantize_int8(self) -> None:
+        """Int8 weight-only for the resident projections, embedding and head (CPU decode)."""
         for mod in self.modules():
-            if hasattr(mod, "act_quant"):
-                mod.act_quant = on
+            for name in ("wqkv", "wo", "w_gate_up", "w_down", "embed", "lm_head"):
+                p = mod._parameters.get(name)
+                if p is not None:
+                    del mod._parameters[name]
+                    setattr(mod, name, Int8Weight.quantize(p.data))
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight and buffer, quantized ones included."""
+        total = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for b in self.buffers())
+        return total + sum(v.nbytes for m in self.modules() for v in vars(m).values()
+                           if isinstance(v, Int8Weight))
 
     def attach_experts(self, provider: ExpertProvider) -> None:
         for block in self.layers:
@@ -193,7 +228,7 @@ class Transformer(nn.Module):
         """tokens: [T] at positions pos..pos+T-1. route: [T, L] expert per token per layer (MoE).
         order: per layer, the order in which to run expert groups. Returns logits [T or 1, V]."""
         T = tokens.shape[0]
-        x = F.embedding(tokens, self.embed)  # [T, D]
+        x = embedding(tokens, self.embed)  # [T, D]
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         mask = None
         if T > 1:
@@ -207,7 +242,7 @@ class Transformer(nn.Module):
         if not all_logits:
             x = x[-1:]
         x = F.rms_norm(x, x.shape[-1:], self.norm, self.c.rms_eps)
-        return linear(x, self.embed if self.lm_head is None else self.lm_head, self.act_quant)
+        return linear(x, self.embed if self.lm_head is None else self.lm_head)
 
 
 def build_transformer(c: ModelConfig, tensors: dict[str, torch.Tensor], device, dtype,

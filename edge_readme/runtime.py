@@ -9,6 +9,7 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -41,7 +42,7 @@ class RuntimeOptions:
     cold: bool = False
     threads: int | None = None
     prefill_chunk: int = 256
-    llama_cpp_numerics: bool = False
+    quantize: str | None = None  # "int8": weight-only int8 for resident projections (CPU)
 
 
 @dataclass
@@ -75,12 +76,18 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str | None, device: torch.device, quantize: str | None = None) -> torch.dtype:
     if name is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type != "cpu":
+            return torch.float16
+        return torch.bfloat16 if quantize == "int8" else torch.float32  # int8 kernel wants bf16
     if name not in DTYPES:
         raise EdgeReadmeError(f"--dtype: unknown dtype {name!r}; use float32, bfloat16 or float16")
     return DTYPES[name]
+
+
+# the tensors Transformer.quantize_int8 converts: projections, embedding and head
+_INT8_NAMES = re.compile(r"(proj\.weight|embed_tokens\.weight|lm_head\.weight)$")
 
 
 def context_limit(c: ModelConfig, asked: int) -> int:
@@ -92,11 +99,15 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
              dtype: torch.dtype, context_length: int) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
     c, item = loaded.config, dtype.itemsize
-    dense = sum(t.numel() for n, t in loaded.tensors.items() if not n.startswith("router."))
-    dense_bytes = dense * item + 2 * context_length * c.head_dim * item  # + rope tables
-    dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items() if n.startswith("router."))
-    kv_item = 2 if o.llama_cpp_numerics else item
-    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
+    dense_bytes = 2 * context_length * c.head_dim * item  # rope tables
+    for name, t in loaded.tensors.items():
+        if name.startswith("router."):
+            dense_bytes += t.numel() * 4  # the router stays float32
+        elif o.quantize == "int8" and _INT8_NAMES.search(name):
+            dense_bytes += t.numel() + t.shape[0] * item  # int8 rows + a scale per row
+        else:
+            dense_bytes += t.numel() * item
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * item
     chunk = min(o.prefill_chunk, context_length)
     width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
     scratch = chunk * width * item + c.num_heads * chunk * context_length * 4  # activations
@@ -127,7 +138,7 @@ def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
     kw = {k: v for k, v in engine_kwargs.items() if k in RuntimeOptions.__dataclass_fields__}
     o = RuntimeOptions(**kw)
     device = pick_device(o.device)
-    dtype = pick_dtype(o.dtype, device)
+    dtype = pick_dtype(o.dtype, device, o.quantize)
     ctx = context_limit(loaded.config, o.context_length)
     manifest = read_manifest(loaded.path) if loaded.config.moe is not None else None
     plan = plan_for(loaded, manifest, o, device, dtype, ctx)
@@ -146,7 +157,12 @@ class Runtime:
         if o.threads:
             torch.set_num_threads(o.threads)
         self.device = pick_device(o.device)
-        self.dtype = pick_dtype(o.dtype, self.device)
+        if o.quantize not in (None, "int8"):
+            raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
+        if o.quantize and self.device.type != "cpu":
+            raise EdgeReadmeError("--quantize int8 runs on the CPU only; drop it on "
+                                  f"{self.device.type}, where float16 weights are fast")
+        self.dtype = pick_dtype(o.dtype, self.device, o.quantize)
         self.context_length = context_limit(self.config, o.context_length)
         if self.context_length < 2:
             raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
@@ -172,9 +188,9 @@ class Runtime:
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
                                        rope_length=self.context_length)
-        self.model.set_act_quant(o.llama_cpp_numerics)
-        kv_dtype = torch.float16 if o.llama_cpp_numerics else self.dtype
-        self.kv = KVCache(c, self.context_length, device=self.device, dtype=kv_dtype)
+        if o.quantize == "int8":
+            self.model.quantize_int8()
+        self.kv = KVCache(c, self.context_length, device=self.device, dtype=self.dtype)
         self.router = self.router_cache = self.cache = self.prefetcher = None
         if c.moe is not None:
             self._build_moe(loaded, progress)
@@ -341,8 +357,7 @@ class Runtime:
 
     def resident_bytes(self) -> int:
         """Bytes the runtime holds on the compute device, all allocated at start."""
-        total = sum(p.nbytes for p in self.model.parameters())
-        total += sum(b.nbytes for b in self.model.buffers()) + self.kv.nbytes
+        total = self.model.weight_bytes() + self.kv.nbytes
         if self.router is not None:
             total += sum(p.nbytes for p in self.router.parameters())
             total += sum(b.nbytes for b in self.router.buffers())

@@ -50,3 +50,21 @@ def test_sampler_greedy_and_seeded():
 def test_sampling_params_reject_nonsense(kw):
     with pytest.raises(RequestError):
         SamplingParams(**kw)
+
+
+def test_int8_weights_track_bfloat16():
+    from edge_readme.model import Int8Weight
+
+    c = tiny_config()
+    t = tiny_tensors(c)
+    ids = torch.arange(12)
+    with torch.inference_mode():
+        ref = build_transformer(c, t, "cpu", torch.bfloat16, 32)
+        q = build_transformer(c, t, "cpu", torch.bfloat16, 32)
+        q.quantize_int8()
+        assert isinstance(q.layers[0].attn.wqkv, Int8Weight)
+        assert q.weight_bytes() < 0.6 * ref.weight_bytes()
+        a = ref(ids, KVCache(c, 32, dtype=torch.bfloat16), 0, all_logits=True).float()
+        b = q(ids, KVCache(c, 32, dtype=torch.bfloat16), 0, all_logits=True).float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98

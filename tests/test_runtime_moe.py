@@ -156,3 +156,15 @@ def test_prefix_reuse_across_turns_keeps_tokens_exact(moe, reference):
         again = e.generate(list(ids), max_tokens=12)
         assert again.stats["reused_prompt_tokens"] == len(ids) - 1
         assert first.token_ids == again.token_ids == want
+
+
+def test_int8_resident_weights_keep_offloading_exact(moe):
+    """With int8 dense weights too, every budget gives the all-resident tokens."""
+    plan = dry_run_plan(str(moe), {"device": "cpu", "context_length": 128, "quantize": "int8"})
+    with Engine.load(str(moe), device="cpu", context_length=128, quantize="int8") as e:
+        assert e.runtime.resident_bytes() <= plan["all_resident_bytes"]
+        want = [e.generate(p, max_tokens=10).token_ids for p in PROMPTS]
+    with Engine.load(str(moe), device="cpu", context_length=128, quantize="int8",
+                     memory_budget=plan["minimum_bytes"] + plan["slot_bytes"]) as e:
+        assert [e.generate(p, max_tokens=10).token_ids for p in PROMPTS] == want
+        assert e.runtime.resident_bytes() <= e.runtime.plan.budget_bytes
