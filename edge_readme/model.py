@@ -18,8 +18,10 @@ from torch import nn
 from .config import ModelConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertWeights:
+    """One expert's weights as the MoE layer uses them (for a cache: views into a slot)."""
+
     gate: torch.Tensor  # [rows, D]
     up: torch.Tensor  # [rows, D]
     down_t: torch.Tensor  # [rows, D]: down_proj columns, transposed

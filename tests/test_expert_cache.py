@@ -110,7 +110,7 @@ def test_pinned_experts_are_never_evicted(tmp_path):
     assert cache.request([(2, 2)]) == 0
     cache.release(1, 1)
     cache.release(0, 0)
-    assert other.layer == 1
+    _check(other, experts[(1, 1)], torch.float32)
     with pytest.raises(ValueError, match="not acquired"):
         cache.release(0, 0)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from edge_readme.model import ExpertWeights
 from edge_readme.cache.policies import Lookahead, make_policy
 from edge_readme.cache.store import ExpertStore, aligned_empty
 from edge_readme.errors import BudgetError
@@ -27,17 +28,6 @@ from edge_readme.experts_format import ExpertManifest, align_up
 
 Key = tuple[int, int]
 NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertWeights:
-    """Views into one slot, in the compute dtype. Valid until release()."""
-
-    layer: int
-    expert: int
-    gate: torch.Tensor  # [rows, D] gate_proj rows
-    up: torch.Tensor  # [rows, D] up_proj rows
-    down_t: torch.Tensor  # [rows, D] down_proj columns, transposed
 
 
 @dataclasses.dataclass
@@ -353,7 +343,7 @@ class ExpertCache:
     def _views(self, key: Key, slot: int) -> ExpertWeights:
         rows, hidden = self.manifest.entry(*key).rows, self.manifest.hidden_size
         w = self._slots[slot, : 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]
-        return ExpertWeights(key[0], key[1], w[0], w[1], w[2])
+        return ExpertWeights(gate=w[0], up=w[1], down_t=w[2])  # views valid until release()
 
     def _fill(self, key: Key, slot: int) -> int:
         """Read the expert's bytes into the slot; return bytes read from the file."""
