@@ -1,8 +1,9 @@
 """Held-out perplexity ratio MoE/dense against active fraction, recovery none vs refit.
 
-Loads the model and calibration statistics once (cached), then per active fraction: masks,
-router distillation, and both recoveries, evaluated with the functional forward on the builtin
-held-out split (router routing). Prints one JSON line per (fraction, recovery).
+One dense pass collects the calibration statistics and every token's router-target codes (train
+and held-out); then per active fraction: masks, router distillation, router accuracy against the
+oracle, and both recoveries, evaluated with the functional forward on the builtin held-out split
+under router routing. Prints one JSON line per (fraction, recovery).
 
     python tools/refactor_sweep.py /tmp/setup/model/model.gguf --fractions 0.5,0.75
 """
@@ -25,18 +26,26 @@ from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
 
-@torch.no_grad()
-def ratios(bb, layers, router, cal):
+@torch.inference_mode()
+def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+
+
+@torch.inference_mode()
+def moe_nll(eb, layers, router, cal) -> dict[str, float]:
     out = {}
     for name in cal.names:
         ids = torch.tensor(cal.heldout[name])
-        route = targets.as_path(router.forward_batch(ids).argmax(-1), bb.config.num_layers,
+        route = targets.as_path(router.forward_batch(ids).argmax(-1), eb.config.num_layers,
                                 router.routing)
-        nd = F.cross_entropy(fn.dense_forward(bb, ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        nm = F.cross_entropy(fn.moe_forward(bb, layers, ids, route)[:, :-1].flatten(0, 1),
-                             ids[:, 1:].flatten())
-        out[name] = round(math.exp(float(nm - nd)), 3)
+        out[name] = nll(fn.moe_forward(eb, [x.to(eb.dtype) for x in layers], ids, route), ids)
     return out
+
+
+def ratios(moe: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+    r = {n: round(math.exp(moe[n] - dense[n]), 3) for n in dense}
+    r["mean"] = round(sum(r.values()) / len(dense), 3)
+    return r
 
 
 @click.command()
@@ -45,37 +54,53 @@ def ratios(bb, layers, router, cal):
 @click.option("--seq-len", default=256)
 @click.option("--per-domain", default=16)
 @click.option("--router-steps", default=400)
-def main(model, fractions, seq_len, per_domain, router_steps):
+@click.option("--routing", type=click.Choice(["global", "per_layer"]), default="global")
+@click.option("--eval-dtype", type=click.Choice(["fast", "float32"]), default="fast",
+              help="dtype of the evaluation forwards (fast: bfloat16 where the CPU has it)")
+def main(model, fractions, seq_len, per_domain, router_steps, routing, eval_dtype):
     torch.manual_seed(0)
     loaded = load_model(model)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
     cal = tokenize(load_docs(None), tok.encode, seq_len, per_domain, 4)
     bb = fn.Backbone.create(loaded.config, loaded.tensors, seq_len)
-    stats = calibrate.domain_stats(bb, cal.train, calibrate.model_fingerprint(model),
-                                   calibrate.default_cache_dir())
+    fast = bb.to(fn.fast_dtype())
+    eb = fast if eval_dtype == "fast" else bb
+    t0 = time.time()
+    stats, codes = calibrate.domain_stats(fast, cal.train, calibrate.model_fingerprint(model),
+                                          calibrate.default_cache_dir(), with_codes=True)
+    held = cal.heldout_tensor()
+    held_codes = targets.activation_codes(fast, held.tolist(), desc="held-out targets")
+    with torch.inference_mode():
+        dense = {n: nll(fn.dense_forward(eb, torch.tensor(cal.heldout[n])),
+                        torch.tensor(cal.heldout[n])) for n in cal.names}
+    print(json.dumps({"pass_dtype": str(fast.dtype), "eval_dtype": str(eb.dtype),
+                      "dense_ppl": {n: round(math.exp(v), 3) for n, v in dense.items()},
+                      "passes_s": round(time.time() - t0)}), flush=True)
     seqs = cal.train_tensor()
+    L = bb.config.num_layers
     for frac in [float(f) for f in fractions.split(",")]:
         t0 = time.time()
         masks = build_masks(stats, frac)
-        scores = targets.expert_scores(bb, seqs.tolist(), masks)
+        soft = targets.soft_target(targets.scores_from_codes(codes, masks), routing)
         router = Router.init_from_embedding(RouterConfig(), bb.tensors["model.embed_tokens.weight"],
-                                            masks.num_experts, bb.config.num_layers)
-        train.train_router(router, seqs, targets.soft_target(scores, "global"), router_steps)
-        held = cal.heldout_tensor()
-        hs = targets.expert_scores(bb, held.tolist(), masks, desc="held-out targets")
-        acc = train.router_accuracy(router, held, targets.oracle(hs, "global"))
-        layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i])
-                  for i in range(bb.config.num_layers)]
-        p = moe_params(bb.config, masks, router)
-        row = {"fraction": frac, "router_accuracy": round(acc, 3), "params": p}
-        print(json.dumps({**row, "recovery": "none", "ratio": ratios(bb, layers, router, cal),
+                                            masks.num_experts, L, routing)
+        train.train_router(router, seqs, soft, router_steps)
+        oracle = targets.oracle(targets.scores_from_codes(held_codes, masks), routing)
+        acc = train.router_accuracy(router, held, oracle)
+        layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(L)]
+        row = {"fraction": frac, "routing": routing, "router_accuracy": round(acc, 3),
+               "params": moe_params(bb.config, masks, router)}
+        print(json.dumps({**row, "recovery": "none",
+                          "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
                           "s": round(time.time() - t0)}), flush=True)
         t1 = time.time()
-        route = targets.as_path(router.forward_batch(seqs).argmax(-1), bb.config.num_layers,
-                                "global")
-        recovery.refit(bb, layers, seqs, route)
-        print(json.dumps({**row, "recovery": "refit", "ratio": ratios(bb, layers, router, cal),
-                          "refit_s": round(time.time() - t1)}), flush=True)
+        with torch.inference_mode():
+            route = targets.as_path(router.forward_batch(seqs).argmax(-1), L, routing)
+        recovery.refit(bb, layers, seqs, route, dtype=fast.dtype)
+        refit_s = round(time.time() - t1)
+        print(json.dumps({**row, "recovery": "refit",
+                          "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
+                          "refit_s": refit_s}), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import functional as fn
+from . import functional as fn, targets
 
 PROJ_DIM = 16  # random projection width per layer for k-means features
 
@@ -54,17 +54,22 @@ def _batches(seqs: list[list[int]], batch: int):
         yield torch.tensor(seqs[i:i + batch], dtype=torch.long)  # [B, T]
 
 
-@torch.no_grad()
-def mean_abs_activation(bb: fn.Backbone, seqs: list[list[int]], batch: int = 4,
-                        bar: tqdm | None = None) -> torch.Tensor:
-    """Mean |act| over all tokens of `seqs`: [L, F]."""
+@torch.inference_mode()
+def mean_abs_activation(bb: fn.Backbone, seqs: list[list[int]], batch: int = 8,
+                        bar: tqdm | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |act| over all tokens of `seqs`: [L, F]. With `codes` (uint8 [N, T, L, F]) the same
+    pass also stores each token's router-target level codes, so targets need no second pass."""
     c = bb.config
     total = torch.zeros(c.num_layers, c.intermediate_size, dtype=torch.float64)
+    for i, ids in enumerate(_batches(seqs, batch)):
+        out = None if codes is None else codes[i * batch:i * batch + len(ids)]
 
-    def hook(layer, act):
-        total[layer] += act.abs().sum(dim=(0, 1)).double()
+        def hook(layer, act, out=out):
+            total[layer] += act.abs().sum(dim=(0, 1), dtype=torch.float32).double()
+            if out is not None:
+                out[:, :, layer] = targets.level_codes(act.reshape(-1, act.shape[-1])).view(
+                    act.shape)
 
-    for ids in _batches(seqs, batch):
         fn.dense_forward(bb, ids, hook, head=False)
         if bar is not None:
             bar.update(ids.numel())
@@ -72,8 +77,9 @@ def mean_abs_activation(bb: fn.Backbone, seqs: list[list[int]], batch: int = 4,
 
 
 def domain_stats(bb: fn.Backbone, groups: dict[str, list[list[int]]], fingerprint: str,
-                 cache_dir: Path | None, progress: bool = True) -> torch.Tensor:
-    """Per-domain mean |act|: [G, L, F], resumed from the cache where present."""
+                 cache_dir: Path | None, progress: bool = True, with_codes: bool = False):
+    """Per-domain mean |act| [G, L, F], resumed from the cache where present. With `with_codes`
+    also the level codes of all sequences in group order, uint8 [N, T, L, F]: (stats, codes)."""
     out: list[torch.Tensor | None] = []
     todo: list[tuple[int, str, Path | None]] = []
     for g, (name, seqs) in enumerate(groups.items()):
@@ -85,21 +91,38 @@ def domain_stats(bb: fn.Backbone, groups: dict[str, list[list[int]]], fingerprin
         else:
             out.append(None)
             todo.append((g, name, path))
+    codes = None
+    if with_codes:
+        c, seqs = bb.config, [s for v in groups.values() for s in v]
+        codes = torch.empty(len(seqs), len(seqs[0]), c.num_layers, c.intermediate_size,
+                            dtype=torch.uint8)
+    starts = [0]
+    for v in groups.values():
+        starts.append(starts[-1] + len(v))
+    names = list(groups)
     n_tok = sum(len(s) for _, name, _ in todo for s in groups[name])
     with tqdm(total=n_tok, desc="calibrate", unit="tok", disable=not progress or not todo) as bar:
         for g, name, path in todo:
             bar.set_postfix_str(name)
-            stats = mean_abs_activation(bb, groups[name], bar=bar)
+            part = None if codes is None else codes[starts[g]:starts[g + 1]]
+            stats = mean_abs_activation(bb, groups[name], bar=bar, codes=part)
             if path is not None:
                 atomic_save({"mean_abs": stats}, path)
             out[g] = stats
-    return torch.stack(out)  # type: ignore[arg-type]
+    if codes is not None:  # groups whose statistics came from the cache still need their codes
+        done = {g for g, _, _ in todo}
+        for g, name in enumerate(names):
+            if g not in done:
+                codes[starts[g]:starts[g + 1]] = targets.activation_codes(
+                    bb, groups[name], progress, desc=f"router targets {name}")
+    stats = torch.stack(out)  # type: ignore[arg-type]
+    return (stats, codes) if with_codes else stats
 
 
 # ---- unlabelled data: k-means over token activation patterns ------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_features(bb: fn.Backbone, seqs: list[list[int]], seed: int,
                    progress: bool = True) -> torch.Tensor:
     """Per token, each layer's |act| randomly projected to PROJ_DIM and normalised: [N, L*P]."""
@@ -110,7 +133,7 @@ def token_features(bb: fn.Backbone, seqs: list[list[int]], seed: int,
     cur: list[torch.Tensor] = []
 
     def hook(layer, act):
-        a = act.abs().reshape(-1, act.shape[-1])
+        a = act.abs().reshape(-1, act.shape[-1]).float()
         cur.append(torch.nn.functional.normalize(a @ proj[layer], dim=-1))  # [N, P]
 
     with tqdm(total=sum(map(len, seqs)), desc="features", unit="tok", disable=not progress) as bar:
@@ -140,7 +163,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> torch.Tensor:
     return labels
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def cluster_stats(bb: fn.Backbone, seqs: list[list[int]], labels: torch.Tensor, k: int,
                   progress: bool = True) -> torch.Tensor:
     """Mean |act| per cluster of tokens: [k, L, F]."""
@@ -152,7 +175,7 @@ def cluster_stats(bb: fn.Backbone, seqs: list[list[int]], labels: torch.Tensor, 
     def hook(layer, act):
         a = act.abs().reshape(-1, act.shape[-1]).double()
         lab = labels[offset[0]:offset[0] + a.shape[0]]
-        total[:, layer].index_add_(0, lab, a)
+        total[:, layer].index_add_(0, lab, a)  # [k, F]
 
     with tqdm(total=sum(map(len, seqs)), desc="cluster stats", unit="tok",
               disable=not progress) as bar:

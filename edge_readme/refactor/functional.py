@@ -7,7 +7,9 @@ has this small functional twin. It must compute exactly what model.py computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,36 @@ class Backbone:
 
     def w(self, layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"model.layers.{layer}.{name}.weight"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cos.dtype
+
+    def to(self, dtype: torch.dtype) -> "Backbone":
+        """A copy for inference passes in `dtype` (the float32 original stays the master)."""
+        if dtype == self.dtype:
+            return self
+        return replace(self, tensors={n: t.to(dtype) for n, t in self.tensors.items()},
+                       cos=self.cos.to(dtype), sin=self.sin.to(dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def fast_dtype() -> torch.dtype:
+    """bfloat16 where this CPU multiplies it clearly faster than float32 (AVX512-BF16, AMX), else
+    float32. Used for the no-grad passes (statistics, targets, refit inputs), never for solves."""
+    a, w = torch.randn(512, 576), torch.randn(1536, 576)
+
+    def best(dt: torch.dtype) -> float:
+        x, y = a.to(dt), w.to(dt)
+        F.linear(x, y)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            F.linear(x, y)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return torch.bfloat16 if best(torch.bfloat16) < 0.6 * best(torch.float32) else torch.float32
 
 
 def embed(bb: Backbone, ids: torch.Tensor) -> torch.Tensor:
@@ -100,6 +132,10 @@ class MoELayer:
 
     def parameters(self) -> list[torch.Tensor]:
         return [*self.shared, *(w for e in self.experts for w in e)]
+
+    def to(self, dtype: torch.dtype) -> "MoELayer":
+        return MoELayer(tuple(w.to(dtype) for w in self.shared),  # type: ignore[arg-type]
+                        [tuple(w.to(dtype) for w in e) for e in self.experts])  # type: ignore
 
 
 def slice_layer(bb: Backbone, layer: int, shared_idx: torch.Tensor,

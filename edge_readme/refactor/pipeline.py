@@ -76,14 +76,17 @@ def check_args(active_fraction: float, recovery: str, finetune_steps: int,
 
 
 def group_stats(bb: fn.Backbone, cal: Calibration, experts: int | None, fingerprint: str,
-                cache_dir: Path | None, seed: int, progress: bool) -> tuple[torch.Tensor, list]:
-    """[E, L, F] statistics and the expert names: domains, or k-means clusters."""
+                cache_dir: Path | None, seed: int, progress: bool):
+    """[E, L, F] statistics, the expert names (domains, or k-means clusters) and the training
+    sequences' router-target level codes [N, T, L, F] (see targets.level_codes)."""
     n = experts or len(cal.names)
     if experts is None and len(cal.names) < 2:
         raise DataError(f"calibration data has one domain ({cal.names[0]!r}); give at least two "
                         "labelled domains, or pass experts=N to cluster token activations")
     if n == len(cal.names):
-        return calibrate.domain_stats(bb, cal.train, fingerprint, cache_dir, progress), cal.names
+        stats, codes = calibrate.domain_stats(bb, cal.train, fingerprint, cache_dir, progress,
+                                              with_codes=True)  # one dense pass for both
+        return stats, cal.names, codes
     seqs = [s for name in cal.names for s in cal.train[name]]
     tokens = sum(map(len, seqs))
     if n * MIN_TOKENS_PER_CLUSTER > tokens:
@@ -96,7 +99,7 @@ def group_stats(bb: fn.Backbone, cal: Calibration, experts: int | None, fingerpr
         raise DataError(f"the data supports fewer than {n} experts: k-means left "
                         f"{int((counts == 0).sum())} clusters empty. Ask for fewer experts")
     stats = calibrate.cluster_stats(bb, seqs, labels, n, progress)
-    return stats, [f"cluster{i}" for i in range(n)]
+    return stats, [f"cluster{i}" for i in range(n)], targets.activation_codes(bb, seqs, progress)
 
 
 def moe_params(config, masks: Masks, router: Router) -> dict[str, int]:
@@ -131,32 +134,34 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
     cal = tokenize(docs, tok.encode, seq_len, sequences_per_domain, heldout_sequences)
     bb = fn.Backbone.create(loaded.config, loaded.tensors, seq_len)
+    fast = bb.to(fn.fast_dtype())  # no-grad passes; slicing and solves use the float32 bb
     cache = Path(cache_dir) if cache_dir is not None else calibrate.default_cache_dir()
     fp = calibrate.model_fingerprint(Path(model_path))
-    stats, names = group_stats(bb, cal, experts, fp, cache, seed, progress)
+    stats, names, codes = group_stats(fast, cal, experts, fp, cache, seed, progress)
     masks = build_masks(stats, active_fraction)
     rcfg = router_config or RouterConfig()
     router = Router.init_from_embedding(rcfg, bb.tensors["model.embed_tokens.weight"],
                                         masks.num_experts, loaded.config.num_layers, routing, seed)
     seqs = cal.train_tensor()
-    scores = targets.expert_scores(bb, seqs.tolist(), masks, progress)  # [N, T, L, E]
-    soft = targets.soft_target(scores, routing)
+    soft = targets.soft_target(targets.scores_from_codes(codes, masks), routing)  # [N, T, (L,) E]
+    del codes
     report: dict[str, Any] = {"domains": names, "active_fraction": active_fraction,
                               "recovery": recovery, "finetune_steps": finetune_steps}
     report["router_loss"] = train.train_router(router, seqs, soft, router_steps, seed=seed,
                                                progress=progress)[-5:]
-    report["router_accuracy"] = heldout_accuracy(bb, router, cal, masks, routing, progress)
+    held_codes = heldout_codes(fast, cal, progress)
+    report["router_accuracy"] = heldout_accuracy(router, cal, held_codes, masks, routing)
     layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i])
               for i in range(loaded.config.num_layers)]
     route = targets.as_path(router.forward_batch(seqs).argmax(-1).detach(),
                             loaded.config.num_layers, routing)
     if recovery == "refit":
-        rec.refit(bb, layers, seqs, route, progress=progress)
+        rec.refit(bb, layers, seqs, route, progress=progress, dtype=fast.dtype)
     if finetune_steps:
         report["finetune"] = _last(train.finetune(bb, layers, router, seqs, soft, finetune_steps,
                                                   seed=seed, progress=progress))
         report["router_accuracy_after_finetune"] = heldout_accuracy(
-            bb, router, cal, masks, routing, progress)
+            router, cal, held_codes, masks, routing)
     report["params"] = moe_params(loaded.config, masks, router)
     moe = MoEConfig(num_experts=masks.num_experts, routing=routing,
                     shared_sizes=tuple(len(s) for s in masks.shared), router=rcfg,
@@ -172,13 +177,19 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     return report
 
 
-def heldout_accuracy(bb, router: Router, cal: Calibration, masks: Masks, routing: str,
-                     progress: bool) -> float | None:
+def heldout_codes(bb, cal: Calibration, progress: bool) -> torch.Tensor | None:
     held = cal.heldout_tensor()
     if not len(held):
         return None
-    scores = targets.expert_scores(bb, held.tolist(), masks, progress, desc="held-out targets")
-    return train.router_accuracy(router, held, targets.oracle(scores, routing))
+    return targets.activation_codes(bb, held.tolist(), progress, desc="held-out targets")
+
+
+def heldout_accuracy(router: Router, cal: Calibration, codes: torch.Tensor | None, masks: Masks,
+                     routing: str) -> float | None:
+    if codes is None:
+        return None
+    scores = targets.scores_from_codes(codes, masks)
+    return train.router_accuracy(router, cal.heldout_tensor(), targets.oracle(scores, routing))
 
 
 def _last(log: dict[str, list[float]]) -> dict[str, float | None]:
@@ -187,4 +198,4 @@ def _last(log: dict[str, list[float]]) -> dict[str, float | None]:
 
 def _provenance(report, seq_len, per_domain, seed, model_path) -> dict[str, Any]:
     return {**report, "seq_len": seq_len, "sequences_per_domain": per_domain, "seed": seed,
-            "source": str(model_path)}
+            "source": str(model_path), "pass_dtype": str(fn.fast_dtype()).split(".")[-1]}

@@ -18,33 +18,36 @@ RIDGE = 0.05  # relative to each neuron's activation energy
 CHUNK = 8  # sequences per forward chunk
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _normal_equations(layer: fn.MoELayer, h: torch.Tensor, route: torch.Tensor,
                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """G = X^T X and B = X^T Y for X = [shared acts | routed expert's acts]; h, y: [N, D]."""
+    """G = X^T X and B = X^T Y for X = [shared acts | routed expert's acts]; h, y: [N, D].
+
+    Activations come in the pass dtype; the products accumulate in float32 (the ridge keeps the
+    system well conditioned, float64 is kept for the solve only)."""
     g, u, _ = layer.shared
-    a_s = fn.swiglu(h, g, u).double()  # [N, rs]
+    a_s = fn.swiglu(h, g, u).float()  # [N, rs]
     sizes = [a_s.shape[1]] + [e[0].shape[0] for e in layer.experts]
     off = [0]
     for s in sizes:
         off.append(off[-1] + s)
-    G = torch.zeros(off[-1], off[-1], dtype=torch.float64)
-    B = torch.zeros(off[-1], y.shape[1], dtype=torch.float64)
-    yd = y.double()
+    G = torch.zeros(off[-1], off[-1])
+    B = torch.zeros(off[-1], y.shape[1])
+    yf = y.float()
     G[:sizes[0], :sizes[0]] = a_s.T @ a_s
-    B[:sizes[0]] = a_s.T @ yd
+    B[:sizes[0]] = a_s.T @ yf
     for e, (g, u, _) in enumerate(layer.experts):
-        idx = (route == e).nonzero().squeeze(1)
+        idx = (route == e).nonzero().squeeze(1)  # [N_e]
         if idx.numel() == 0:
             continue
-        a_e = fn.swiglu(h[idx], g, u).double()  # [N_e, re]
+        a_e = fn.swiglu(h.index_select(0, idx), g, u).float()  # [N_e, re]
         lo, hi = off[e + 1], off[e + 2]
-        cross = a_s[idx].T @ a_e
+        cross = a_s.index_select(0, idx).T @ a_e
         G[:sizes[0], lo:hi] = cross
         G[lo:hi, :sizes[0]] = cross.T
         G[lo:hi, lo:hi] = a_e.T @ a_e
-        B[lo:hi] = a_e.T @ yd[idx]
-    return G, B, off
+        B[lo:hi] = a_e.T @ yf.index_select(0, idx)
+    return G.double(), B.double(), off
 
 
 def solve_layer(layer: fn.MoELayer, G: torch.Tensor, B: torch.Tensor, off: list[int],
@@ -60,23 +63,28 @@ def solve_layer(layer: fn.MoELayer, G: torch.Tensor, B: torch.Tensor, off: list[
         ex[2].copy_(w[off[e + 1]:off[e + 2]])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def refit(bb: fn.Backbone, layers: list[fn.MoELayer], seqs: torch.Tensor, route: torch.Tensor,
-          ridge: float = RIDGE, progress: bool = True) -> None:
-    """seqs [N, T] calibration ids; route [N, T, L] their experts. Updates `layers` in place."""
-    x_dense = torch.cat([fn.embed(bb, seqs[i:i + CHUNK]) for i in range(0, len(seqs), CHUNK)])
+          ridge: float = RIDGE, progress: bool = True, dtype: torch.dtype | None = None) -> None:
+    """seqs [N, T] calibration ids; route [N, T, L] their experts. Updates `layers` in place.
+
+    The forward passes run in `dtype` (default: `fn.fast_dtype()`, bfloat16 where the CPU has
+    fast bfloat16 matmuls); the solved down weights are float32."""
+    fb = bb.to(dtype or fn.fast_dtype())
+    x_dense = _chunked(lambda ids: fn.embed(fb, ids), seqs)  # [N, T, D]
     x_moe = x_dense.clone()
     N, T, D = x_dense.shape
     for i in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
-        mid_d = _chunked(lambda x: fn.attention_block(bb, i, x), x_dense)
-        x_dense = mid_d + _chunked(lambda x: fn.dense_down(bb, i, fn.dense_act(
-            bb, i, fn.ffn_input(bb, i, x))), mid_d)
-        mid_m = _chunked(lambda x: fn.attention_block(bb, i, x), x_moe)
-        h = fn.ffn_input(bb, i, mid_m).reshape(N * T, D)
+        mid_d = _chunked(lambda x: fn.attention_block(fb, i, x), x_dense)
+        x_dense = mid_d + _chunked(lambda x: fn.dense_down(fb, i, fn.dense_act(
+            fb, i, fn.ffn_input(fb, i, x))), mid_d)
+        mid_m = _chunked(lambda x: fn.attention_block(fb, i, x), x_moe)
+        h = fn.ffn_input(fb, i, mid_m).reshape(N * T, D)
         r = route[..., i].reshape(-1)
-        G, B, off = _normal_equations(layers[i], h, r, (x_dense - mid_m).reshape(N * T, D))
+        G, B, off = _normal_equations(layers[i].to(fb.dtype), h, r,
+                                      (x_dense.float() - mid_m.float()).reshape(N * T, D))
         solve_layer(layers[i], G, B, off, ridge)
-        x_moe = mid_m + fn.moe_ffn(layers[i], h, r).view(N, T, D)
+        x_moe = mid_m + fn.moe_ffn(layers[i].to(fb.dtype), h, r).view(N, T, D)
 
 
 def _chunked(f, x: torch.Tensor) -> torch.Tensor:

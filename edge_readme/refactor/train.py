@@ -71,7 +71,26 @@ def router_loss(router: Router, ids: torch.Tensor, target: torch.Tensor) -> torc
 def train_router(router: Router, seqs: torch.Tensor, target: torch.Tensor, steps: int,
                  lr: float = 3e-3, batch: int = 8, seed: int = 0, progress: bool = True,
                  desc: str = "router") -> list[float]:
-    """Cross-entropy toward the soft target. seqs [N, T]; target [N, T, (L,) E]."""
+    """Cross-entropy toward the soft target. seqs [N, T]; target [N, T, (L,) E].
+
+    Only the embedding rows of tokens in `seqs` get gradients (AdamW without decay leaves the
+    others exactly as they are), so training runs on that slice: the optimiser then touches a
+    few thousand rows instead of the whole vocabulary each step.
+    """
+    full = router.embed
+    used = seqs.unique()  # [U]
+    remap = torch.zeros(full.shape[0], dtype=torch.long, device=seqs.device)
+    remap[used] = torch.arange(len(used), device=seqs.device)
+    router.embed = torch.nn.Parameter(full.detach()[used].clone())  # [U, d]
+    try:
+        return _train_router(router, remap[seqs], target, steps, lr, batch, seed, progress, desc)
+    finally:
+        with torch.no_grad():
+            full[used] = router.embed.detach()
+        router.embed = full
+
+
+def _train_router(router, seqs, target, steps, lr, batch, seed, progress, desc) -> list[float]:
     params = list(router.parameters())
     sync_params(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -90,7 +109,7 @@ def train_router(router: Router, seqs: torch.Tensor, target: torch.Tensor, steps
     return losses
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def router_accuracy(router: Router, seqs: torch.Tensor, oracle: torch.Tensor) -> float:
     choice = router.forward_batch(seqs).argmax(-1)
     return float((choice == oracle).float().mean())
