@@ -239,7 +239,8 @@ def wait_for(predicate, seconds: float = 10.0) -> None:
 def test_stream_disconnect_cancels(http, app):
     served = app.state.holder.served
     before = served["cancelled"]
-    body = {"prompt": "Go on", "max_tokens": 4000, "temperature": 0, "stream": True}
+    body = {"prompt": "Go on", "max_tokens": 4000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(3):
@@ -251,7 +252,7 @@ def test_stream_disconnect_cancels(http, app):
 def test_non_stream_disconnect_cancels(url, app):
     served = app.state.holder.served
     before = served["cancelled"]
-    body = {"prompt": "Go on", "max_tokens": 4000, "temperature": 0}
+    body = {"prompt": "Go on", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, timeout=0.3,
                    headers={"Authorization": f"Bearer {KEY}"})

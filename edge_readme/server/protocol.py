@@ -88,7 +88,8 @@ def _flag(body: dict, name: str) -> bool:
 
 
 def sampling(body: dict, limits: Limits) -> dict[str, Any]:
-    """Engine keyword arguments of a request: max_tokens, temperature, top_p, top_k, seed, stop."""
+    """Engine keyword arguments of a request: max_tokens, temperature, top_p, top_k, seed, stop,
+    ignore_eos."""
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _integer(body, name, limits.default_max_tokens, 1, limits.max_tokens)
@@ -110,6 +111,7 @@ def sampling(body: dict, limits: Limits) -> dict[str, Any]:
         "top_k": _integer(body, "top_k", 0, 0),
         "seed": _integer(body, "seed", None, -(2 ** 63)),
         "stop": tuple(stop),
+        "ignore_eos": _flag(body, "ignore_eos"),  # an extension (as in vLLM): run to max_tokens
     }
 
 
