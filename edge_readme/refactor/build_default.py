@@ -60,9 +60,12 @@ def export_artifacts(moe_folder: Path, gguf_path: Path, dest: Path) -> None:
     (dest / META).write_text(json.dumps(meta, indent=2))
 
 
-def build_default(gguf_path, out_folder, progress: bool = True, force: bool = False,
+def build_default(gguf_path, out_folder, progress=None, force: bool = False,
                   artifacts: Path | None = None) -> Path:
-    """GGUF + shipped masks and router -> refit -> MoE folder (atomic)."""
+    """GGUF + shipped masks and router -> refit -> MoE folder (atomic).
+
+    `progress`: None or True shows a tqdm bar for the refit (it takes minutes), False hides it,
+    a registry Progress callable `(stage, fraction)` gets the refit's progress too."""
     src = Path(artifacts) if artifacts else Path(str(resources.files("edge_readme") / "artifacts"))
     meta = json.loads((src / META).read_text())
     digest = sha256_file(Path(gguf_path))
@@ -80,9 +83,12 @@ def build_default(gguf_path, out_folder, progress: bool = True, force: bool = Fa
     layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(c.num_layers)]
     seqs = cal.train_tensor()
     if prov.get("recovery") == "refit":
-        route = targets.as_path(router.forward_batch(seqs).argmax(-1).detach(), c.num_layers,
-                                moe.routing)
-        recovery.refit(bb, layers, seqs, route, progress=progress)
+        with torch.inference_mode():
+            route = targets.as_path(router.forward_batch(seqs).argmax(-1), c.num_layers,
+                                    moe.routing)
+        callback = (lambda f: progress("refit", f)) if callable(progress) else None
+        recovery.refit(bb, layers, seqs, route, progress=progress is not False,
+                       callback=callback)
     config = dataclasses.replace(c, moe=moe)
     return write_moe_folder(out_folder, config, bb, layers, router.state_tensors(), masks, tok,
                             dense.chat_template, {**prov, "built_from": str(gguf_path)}, force)

@@ -56,7 +56,8 @@ def tokenize(docs, encode, seq_len: int, per_domain: int, heldout_per_domain: in
         raise DataError("calibration data has no training documents; add text to the files")
     train_seqs = {n: token_batches(g, encode, seq_len, per_domain) for n, g in groups.items()}
     held: dict[str, list[list[int]]] = {}
-    for n, g in by_domain([d for d in docs if d.split == "heldout"]).items():
+    held_docs = [d for d in docs if d.split == "heldout"] if heldout_per_domain > 0 else []
+    for n, g in by_domain(held_docs).items():
         try:
             held[n] = token_batches(g, encode, seq_len, heldout_per_domain)
         except DataError:

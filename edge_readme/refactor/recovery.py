@@ -65,11 +65,13 @@ def solve_layer(layer: fn.MoELayer, G: torch.Tensor, B: torch.Tensor, off: list[
 
 @torch.inference_mode()
 def refit(bb: fn.Backbone, layers: list[fn.MoELayer], seqs: torch.Tensor, route: torch.Tensor,
-          ridge: float = RIDGE, progress: bool = True, dtype: torch.dtype | None = None) -> None:
+          ridge: float = RIDGE, progress: bool = True, dtype: torch.dtype | None = None,
+          callback=None) -> None:
     """seqs [N, T] calibration ids; route [N, T, L] their experts. Updates `layers` in place.
 
     The forward passes run in `dtype` (default: `fn.fast_dtype()`, bfloat16 where the CPU has
-    fast bfloat16 matmuls); the solved down weights are float32."""
+    fast bfloat16 matmuls); the solved down weights are float32. `callback(fraction)` is called
+    after each layer."""
     fb = bb.to(dtype or fn.fast_dtype())
     x_dense = _chunked(lambda ids: fn.embed(fb, ids), seqs)  # [N, T, D]
     x_moe = x_dense.clone()
@@ -85,6 +87,8 @@ def refit(bb: fn.Backbone, layers: list[fn.MoELayer], seqs: torch.Tensor, route:
                                       (x_dense.float() - mid_m.float()).reshape(N * T, D))
         solve_layer(layers[i], G, B, off, ridge)
         x_moe = mid_m + fn.moe_ffn(layers[i].to(fb.dtype), h, r).view(N, T, D)
+        if callback is not None:
+            callback((i + 1) / len(layers))
 
 
 def _chunked(f, x: torch.Tensor) -> torch.Tensor:
