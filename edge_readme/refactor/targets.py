@@ -64,7 +64,8 @@ def scores_from_codes(codes: torch.Tensor, masks: Masks) -> torch.Tensor:
     member = masks.expert_membership(F) / len(LEVELS)  # [L, F, E]
     out = torch.empty(N, T, L, member.shape[-1])
     for layer in range(L):
-        out[:, :, layer] = (codes[:, :, layer].reshape(-1, F).float() @ member[layer]).view(N, T, -1)
+        x = codes[:, :, layer].reshape(-1, F).float()  # [N*T, F]
+        out[:, :, layer] = (x @ member[layer]).view(N, T, -1)
     return out
 
 
