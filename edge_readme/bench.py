@@ -9,13 +9,11 @@ the cache counters; it knows nothing about the command line (see `edge_readme/cl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +21,7 @@ from typing import Any, Callable, Sequence
 from .budget import parse_budget
 from .cache.policies import POLICIES, simulate
 from .errors import BudgetError, DataError, EdgeReadmeError
+from .fsutil import atomic_write
 
 # What each lookahead mode lets the runtime do beyond the router's path of the current step
 # (which Belady always sees): `none` loads on demand, `path` prefetches the known path, and
@@ -307,25 +306,10 @@ def _bar(total: int, enabled: bool):
 # ---- output -----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_trace(trace: Sequence[tuple[int, int, int]], path: str | os.PathLike) -> None:
     """JSONL, one {"step", "layer", "expert"} object per access, in access order."""
-    lines = "".join(f'{{"step": {s}, "layer": {l}, "expert": {e}}}\n' for s, l, e in trace)
-    _atomic_write(path, lambda f: f.write(lines))
+    lines = "".join(f'{{"step": {s}, "layer": {layer}, "expert": {e}}}\n' for s, layer, e in trace)
+    atomic_write(path, lambda f: f.write(lines))
 
 
 def read_trace(path: str | os.PathLike) -> list[tuple[int, int, int]]:
@@ -334,7 +318,7 @@ def read_trace(path: str | os.PathLike) -> list[tuple[int, int, int]]:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda f: json.dump(report, f, indent=2))
+    atomic_write(path, lambda f: json.dump(report, f, indent=2))
 
 
 COLUMNS = [("budget", "budget", "{}"), ("slots", "slots", "{}"), ("policy", "policy", "{}"),
@@ -396,7 +380,7 @@ def plot(report: dict, path: str | os.PathLike) -> bool:
         bottom.set_xlabel("expert slots, % of all experts")
         top.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
     return True
 

@@ -131,7 +131,9 @@ def plan_memory(
             minimum_bytes=minimum,
             budget_bytes=budget_bytes,
         )
-    slots = min(num_expert_keys, (budget_bytes - fixed) // expert_slot_bytes) if expert_slot_bytes else 0
+    slots = 0
+    if expert_slot_bytes:
+        slots = min(num_expert_keys, (budget_bytes - fixed) // expert_slot_bytes)
     return MemoryPlan(
         budget_bytes=budget_bytes,
         dense_bytes=dense_bytes,

@@ -16,7 +16,8 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """The pre-gating router: a tiny causal transformer over token ids (Read-ME's cluster predictor)."""
+    """The pre-gating router: a tiny causal transformer over token ids (Read-ME's "cluster
+    predictor")."""
 
     dim: int = 64
     num_layers: int = 1
@@ -103,7 +104,8 @@ class ModelConfig:
         arch = str(d.get("model_type", "llama"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelFormatError(
-                f"{source}: model_type is {arch!r}; edge-readme runs {SUPPORTED_ARCHITECTURES} models. "
+                f"{source}: model_type is {arch!r}; edge-readme runs "
+                f"{SUPPORTED_ARCHITECTURES} models. "
                 "Use a Llama-architecture model."
             )
         try:

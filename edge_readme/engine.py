@@ -112,7 +112,8 @@ class Engine:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, model: str | Path = "smollm2-135m-readme", *, memory_budget: int | str | None = None,
+    def load(cls, model: str | Path = "smollm2-135m-readme", *,
+             memory_budget: int | str | None = None,
              device: str = "auto", dtype: str | None = None, policy: str = "belady",
              context_length: int = 2048, on_progress: Progress | None = None,
              **options: Any) -> "Engine":

@@ -1,6 +1,8 @@
-"""Typed errors a user can cause. Each message names the file or field, what was expected, and what to do.
+"""Typed errors a user can cause. Each message names the file or field, what was expected, and
+what to do.
 
-The CLI turns every `EdgeReadmeError` into a one-line message and exit code 2; the server into a 4xx body.
+The CLI turns every `EdgeReadmeError` into a one-line message and exit code 2; the server into a
+4xx body.
 """
 
 from __future__ import annotations

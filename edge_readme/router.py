@@ -106,7 +106,7 @@ class Router(nn.Module):
         r = cls(cfg, backbone_embed.shape[0], num_experts, num_backbone_layers, routing)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, p in r.named_parameters():
+            for p in r.parameters():
                 if p.dim() == 2:
                     p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
             cols = min(cfg.dim, backbone_embed.shape[1])  # a narrower backbone fills part

@@ -18,7 +18,7 @@ import torch
 
 from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
 from .config import ModelConfig
-from .errors import BudgetError, CancelledError, EdgeReadmeError
+from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
 from .model import KVCache, build_transformer

@@ -1,4 +1,5 @@
-"""Next-token choice: greedy at temperature 0, else temperature / top-k / top-p with a seeded generator."""
+"""Next-token choice: greedy at temperature 0, else temperature / top-k / top-p sampling with a
+seeded generator."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tokenizers from GGUF metadata or tokenizer.json (through the `tokenizers` library), chat templates
+"""Tokenizers from GGUF metadata or tokenizer.json (through the `tokenizers` library), chat
+templates
 rendered in jinja2's sandbox, and incremental detokenization for streaming."""
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _check_messages(messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                 or not isinstance(m.get("content"), str):
-            raise RequestError(f"messages[{i}]: expected an object with string 'role' and 'content'")
+            raise RequestError(f"messages[{i}]: expected an object with string 'role' "
+                               "and 'content'")
 
 
 class StreamDecoder:
@@ -108,7 +110,8 @@ def _build(spec: TokenizerSpec):
         try:
             return HFTokenizer.from_file(spec.tokenizer_json)
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise ModelFormatError(f"{spec.tokenizer_json}: not a valid tokenizer.json ({e})") from None
+            raise ModelFormatError(f"{spec.tokenizer_json}: not a valid tokenizer.json "
+                                   f"({e})") from None
     if spec.model == "gpt2":
         return _byte_level_bpe(spec)
     return _sentencepiece_bpe(spec)
@@ -123,7 +126,8 @@ def _special_tokens(spec: TokenizerSpec):
 
 
 def _byte_level_bpe(spec: TokenizerSpec):
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
     vocab = {t: i for i, t in enumerate(spec.tokens)}
     merges = [tuple(m.split(" ", 1)) for m in (spec.merges or [])]
@@ -145,8 +149,9 @@ def _byte_level_bpe(spec: TokenizerSpec):
 
 
 def _sentencepiece_bpe(spec: TokenizerSpec):
-    # SentencePiece BPE vocabularies in GGUF carry scores, not merges: rebuild merges by score order.
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+    # SentencePiece BPE vocabularies in GGUF carry scores, not merges: rebuild them by score.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
 
     vocab = {t: i for i, t in enumerate(spec.tokens)}
     scores = spec.scores or [0.0] * len(spec.tokens)

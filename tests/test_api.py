@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from edge_readme import (BudgetError, BudgetTooSmallError, EdgeReadmeError, Engine,
-                         ModelFormatError, RequestError, UnknownModelError)
+from edge_readme import (
+    BudgetError,
+    BudgetTooSmallError,
+    EdgeReadmeError,
+    Engine,
+    ModelFormatError,
+    RequestError,
+    UnknownModelError,
+)
 from tests.tiny_dense import write_tiny_dense
 
 HELLO = [{"role": "user", "content": "Hello there"}]

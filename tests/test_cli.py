@@ -1,4 +1,4 @@
-"""The command line through click's CliRunner: output, JSON, and one-line errors with exit code 2."""
+"""The command line through click's CliRunner: output, JSON, one-line errors with exit code 2."""
 
 from __future__ import annotations
 

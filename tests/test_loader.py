@@ -1,4 +1,4 @@
-"""Loading tiny models from GGUF and safetensors, and every bad input getting a clear, typed error."""
+"""Loading tiny models from GGUF and safetensors; every bad input gets a clear, typed error."""
 
 from __future__ import annotations
 

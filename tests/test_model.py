@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edge_readme.errors import RequestError
 from edge_readme.model import KVCache, build_transformer
 from edge_readme.sampling import Sampler, SamplingParams
-from edge_readme.errors import RequestError
 from tests.tiny_models import tiny_config, tiny_tensors
 
 

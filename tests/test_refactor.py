@@ -11,12 +11,13 @@ from edge_readme.config import RouterConfig
 from edge_readme.errors import DataError
 from edge_readme.experts_format import read_manifest
 from edge_readme.loader import load_model
-from edge_readme.refactor import calibrate, functional as fn
+from edge_readme.refactor import calibrate
+from edge_readme.refactor import functional as fn
+from edge_readme.refactor.corpus import load_user_data
 from edge_readme.refactor.evaluate import evaluate, open_moe, seq_logits
 from edge_readme.refactor.masks import build_masks
 from edge_readme.refactor.pipeline import refactor
 from edge_readme.refactor.tiny import write_tiny_llama
-from edge_readme.refactor.corpus import load_user_data
 
 WORDS = {"code": "def return import class self for in if else print lambda".split(),
          "legal": "shall licence warranty party agreement liability terms hereby".split(),

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from test_refactor import ROUTER, tiny  # noqa: F401  (the module fixture)
 
 from edge_readme.loader import load_model
-
-from test_refactor import ROUTER, tiny  # noqa: F401  (the module fixture)
 
 
 @pytest.mark.slow

@@ -143,7 +143,8 @@ def test_corrupt_expert_fails_the_request_and_the_engine_stays_usable(moe, refer
             except ExpertFileError as err:
                 errors.append(err)
         assert errors, "no prompt touched the corrupted expert"
-        assert f"layer {entry.layer}" in str(errors[0]) and f"expert {entry.expert}" in str(errors[0])
+        message = str(errors[0])
+        assert f"layer {entry.layer}" in message and f"expert {entry.expert}" in message
         (folder / "experts.safetensors").write_bytes(original)
         for ids, want in reference.items():
             assert e.generate(list(ids), max_tokens=12).token_ids == want

@@ -1,4 +1,4 @@
-"""Tiny random Llama models written to disk for tests: GGUF, Hugging Face folder, Read-ME MoE folder.
+"""Tiny random Llama models written to disk for tests: GGUF, Hugging Face folder, Read-ME MoE.
 
 Everything is built from a seed; nothing is fetched. The tokenizer is a real byte-level BPE over a
 small vocabulary, written both as GGUF metadata and as tokenizer.json.
@@ -95,7 +95,8 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 GGUF_OF = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",

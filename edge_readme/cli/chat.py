@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import DEFAULT_MODEL, engine_kwargs, friendly, load_engine, model_options
+from .common import engine_kwargs, friendly, load_engine, model_options
 
 HELP = "commands: /stats  /reset  /exit  (Ctrl-C stops a reply, Ctrl-D quits)"
 

@@ -79,8 +79,8 @@ def eval_command(model: str, data: tuple[str, ...], reference: str | None, seq_l
         return
     click.echo(f"{'domain':<16}{'moe ppl':>10}{'dense ppl':>11}{'ratio':>8}")
     for name, row in report["domains"].items():
-        click.echo(f"{name:<16}{row.get('moe_ppl', float('nan')):>10.2f}"
-                   f"{row.get('dense_ppl', float('nan')):>11.2f}{row.get('ratio', float('nan')):>8.3f}")
+        moe, dense, ratio = (row.get(k, float("nan")) for k in ("moe_ppl", "dense_ppl", "ratio"))
+        click.echo(f"{name:<16}{moe:>10.2f}{dense:>11.2f}{ratio:>8.3f}")
     for key in ("mean_ratio", "max_ratio", "router_accuracy", "teacher_forced_agreement",
                 "greedy_prefix_agreement"):
         if key in report:
