@@ -61,9 +61,8 @@ def main() -> None:
     from llama_cpp import Llama
 
     from edge_readme.loader import load_model
-    from edge_readme.tokenizer import Tokenizer
-
     from edge_readme.registry import resolve
+    from edge_readme.tokenizer import Tokenizer
 
     a.model = str(resolve(a.model))
     torch.set_num_threads(a.threads)

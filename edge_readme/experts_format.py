@@ -200,7 +200,7 @@ def write_experts(
         "alignment": ALIGNMENT, "experts": entries,
     }
     text = json.dumps(manifest, indent=1).encode()
-    atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
+    atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text), mode="wb")
     return manifest
 
 

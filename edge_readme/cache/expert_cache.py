@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from edge_readme.model import ExpertWeights
 from edge_readme.cache.policies import Lookahead, make_policy
 from edge_readme.cache.store import ExpertStore, aligned_empty
 from edge_readme.errors import BudgetError
 from edge_readme.experts_format import ExpertManifest, align_up
+from edge_readme.model import ExpertWeights
 
 Key = tuple[int, int]
 NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load

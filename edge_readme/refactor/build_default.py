@@ -23,7 +23,8 @@ from edge_readme.loader import load_model
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
-from . import functional as fn, recovery, targets
+from . import functional as fn
+from . import recovery, targets
 from .masks import Masks
 from .pipeline import load_docs, tokenize
 from .writer import write_moe_folder

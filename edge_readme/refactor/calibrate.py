@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import functional as fn, targets
+from . import functional as fn
+from . import targets
 
 PROJ_DIM = 16  # random projection width per layer for k-means features
 

@@ -20,8 +20,9 @@ from edge_readme.loader import load_model
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
-from . import calibrate, recovery as rec, targets, train
+from . import calibrate, targets, train
 from . import functional as fn
+from . import recovery as rec
 from .corpus import by_domain, load_builtin, load_user_data, token_batches
 from .masks import Masks, build_masks, check_fraction
 from .writer import check_target, write_moe_folder

@@ -3,8 +3,14 @@
 Importing this package does not import FastAPI or uvicorn; `create_app` and `serve` do.
 """
 
-from .app import EngineHolder, ServeExtraMissing, create_app, default_model_name, serve, \
-    serve_loading
+from .app import (
+           EngineHolder,
+           ServeExtraMissing,
+           create_app,
+           default_model_name,
+           serve,
+           serve_loading,
+)
 from .protocol import APIError, Limits
 
 __all__ = ["APIError", "EngineHolder", "Limits", "ServeExtraMissing", "create_app",
