@@ -294,14 +294,17 @@ class Runtime:
 
         Within a layer, resident experts run first (their compute hides the other loads), and the
         last token's expert runs last, so that it is the freshest when decoding continues.
+        The future Belady sees: this step's accesses, then the last token's path again (the next
+        token most likely keeps it; without it, layers just used look dead and prefetches of
+        later layers evict them), then queued requests' prompts.
         """
         cache = self.cache
         last = route[-1].tolist()
+        likely_next = list(enumerate(last))
         if route.shape[0] == 1:  # decode: the path is the future, one expert per layer
-            future = list(enumerate(last))
             cache.lookahead.clear()
-            cache.lookahead.extend(future + self._queued_future)
-            self.prefetcher.submit(future)
+            cache.lookahead.extend(likely_next + likely_next + self._queued_future)
+            self.prefetcher.submit(likely_next)
             return [[e] for e in last]
         order: list[list[int]] = []
         future = []
@@ -311,8 +314,7 @@ class Runtime:
             order.append(experts)
             future.extend((layer, e) for e in experts)
         cache.lookahead.clear()
-        cache.lookahead.extend(future)
-        cache.lookahead.extend(self._queued_future)
+        cache.lookahead.extend(future + likely_next + self._queued_future)
         self.prefetcher.submit(future)
         return order
 
@@ -346,12 +348,11 @@ class Runtime:
             paths = [self.router.route(cands[i:i + 1], self.router_cache, pos).cpu()[0]
                      for i in range(len(cands))]  # each [L]
         self._spec_guess = paths[0]
-        depth = min(o.speculate_layers, len(paths[0]))
-        keys = [(layer, int(paths[0][layer])) for layer in range(depth)]
-        others = [(0, int(p[0])) for p in paths[1:] if (0, int(p[0])) not in keys]
-        self.cache.lookahead.clear()
-        self.cache.lookahead.extend(keys + list(dict.fromkeys(others)))
-        self.prefetcher.submit(keys)
+        guess = list(enumerate(paths[0].tolist()))
+        others = [(0, int(p[0])) for p in paths[1:] if (0, int(p[0])) != guess[0]]
+        self.cache.lookahead.clear()  # the likeliest path first, then the runners-up's first layer
+        self.cache.lookahead.extend(guess + list(dict.fromkeys(others)) + self._queued_future)
+        self.prefetcher.submit(guess[: o.speculate_layers])
 
     # ------------------------------------------------------------------ reporting
 
