@@ -76,6 +76,14 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=tor
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
+def causal_mask(pos: int, T: int, device=None) -> torch.Tensor | None:
+    """Queries at pos..pos+T-1 see keys 0..their own position: [T, pos + T]; None for one query."""
+    if T == 1:
+        return None
+    q_pos = torch.arange(pos, pos + T, device=device).unsqueeze(1)
+    return torch.arange(pos + T, device=device).unsqueeze(0) <= q_pos
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [H, T, hd]; cos/sin: [T, hd]; rotate-half (Hugging Face) layout
     half = x.shape[-1] // 2
@@ -234,10 +242,7 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         x = embedding(tokens, self.embed)  # [T, D]
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        mask = None
-        if T > 1:
-            q_pos = torch.arange(pos, pos + T, device=x.device).unsqueeze(1)
-            mask = torch.arange(pos + T, device=x.device).unsqueeze(0) <= q_pos  # [T, S]
+        mask = causal_mask(pos, T, x.device)
         for i, block in enumerate(self.layers):
             r = None if route is None else route[:, i]
             x = block(x, cache, pos, cos, sin, mask, r, None if order is None else order[i], hook)

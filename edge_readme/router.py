@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import RouterConfig
 from .errors import ModelFormatError
-from .model import apply_rope, rope_tables
+from .model import apply_rope, causal_mask, rope_tables
 
 __all__ = ["Router", "RouterCache", "router_tensor_names"]
 
@@ -163,10 +163,7 @@ class Router(nn.Module):
             raise ValueError(f"router cache holds {cache.length} positions; asked for {pos + T}")
         x = F.embedding(ids, self.embed)  # [T, d]
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        mask = None
-        if T > 1:
-            q_pos = torch.arange(pos, pos + T, device=x.device).unsqueeze(1)
-            mask = torch.arange(pos + T, device=x.device).unsqueeze(0) <= q_pos  # [T, S]
+        mask = causal_mask(pos, T, x.device)
         for i, b in enumerate(self.blocks):
             x = b(x, cache.k[i], cache.v[i], pos, cos, sin, mask)
         logits = F.linear(F.rms_norm(x, x.shape[-1:], self.norm, EPS), self.head)
