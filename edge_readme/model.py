@@ -41,6 +41,11 @@ class Int8Weight:
     q: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out], compute dtype
 
+    @staticmethod
+    def eligible(shape: tuple[int, ...]) -> bool:
+        """The CPU kernel needs the input width in blocks of 32 (else it crashes on batches)."""
+        return len(shape) == 2 and shape[1] % 32 == 0
+
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int8Weight":
         scale = w.float().abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
@@ -218,7 +223,7 @@ class Transformer(nn.Module):
         for mod in self.modules():
             for name in ("wqkv", "wo", "w_gate_up", "w_down", "embed", "lm_head"):
                 p = mod._parameters.get(name)
-                if p is not None:
+                if p is not None and Int8Weight.eligible(tuple(p.shape)):
                     del mod._parameters[name]
                     setattr(mod, name, Int8Weight.quantize(p.data))
 

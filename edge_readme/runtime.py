@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
-from .model import KVCache, build_transformer
+from .model import Int8Weight, KVCache, build_transformer
 
 Key = tuple[int, int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -103,7 +103,7 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
     for name, t in loaded.tensors.items():
         if name.startswith("router."):
             dense_bytes += t.numel() * 4  # the router stays float32
-        elif o.quantize == "int8" and _INT8_NAMES.search(name):
+        elif o.quantize == "int8" and _INT8_NAMES.search(name) and Int8Weight.eligible(t.shape):
             dense_bytes += t.numel() + t.shape[0] * item  # int8 rows + a scale per row
         else:
             dense_bytes += t.numel() * item

@@ -68,3 +68,15 @@ def test_int8_weights_track_bfloat16():
         b = q(ids, KVCache(c, 32, dtype=torch.bfloat16), 0, all_logits=True).float()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98
+
+
+def test_int8_skips_widths_the_kernel_cannot_take():
+    from edge_readme.model import Int8Weight
+
+    c = tiny_config(intermediate_size=100)  # down_proj input width 100: not a multiple of 32
+    model = build_transformer(c, tiny_tensors(c), "cpu", torch.bfloat16, 32)
+    model.quantize_int8()
+    ffn = model.layers[0].ffn
+    assert isinstance(ffn.w_gate_up, Int8Weight) and not isinstance(ffn.w_down, Int8Weight)
+    with torch.inference_mode():
+        model(torch.arange(9), KVCache(c, 32, dtype=torch.bfloat16), 0)  # a batch: no crash

@@ -74,3 +74,16 @@ def test_moe_quality_stays_within_its_measured_bounds(moe_path, dense_path):
                       gen_tokens=4, progress=False)
     assert report["mean_ratio"] < 1.6, report["domains"]
     assert report["router_accuracy"] > 0.7
+
+
+def test_moe_int8_offloading_is_exact(moe_path):
+    """Int8 resident weights (odd shared-expert widths included) under a 25% expert budget."""
+    base = {"device": "cpu", "context_length": 256, "quantize": "int8"}
+    with Engine.load(str(moe_path), **base) as e:
+        want = {p: e.generate(p, max_tokens=8).token_ids for p in PROMPTS[:2]}
+    plan = dry_run_plan(str(moe_path), base)
+    budget = plan["minimum_bytes"] + (plan["expert_keys"] // 4) * plan["slot_bytes"]
+    with Engine.load(str(moe_path), memory_budget=budget, **base) as e:
+        for p in PROMPTS[:2]:
+            assert e.generate(p, max_tokens=8).token_ids == want[p]
+        assert e.runtime.resident_bytes() <= budget
