@@ -251,7 +251,7 @@ class Runtime:
         stats.prefill_seconds += time.perf_counter() - start
         return logits[-1]
 
-    def decode(self, token: int, stats: StepStats, spec_next: bool = True) -> torch.Tensor:
+    def decode(self, token: int, stats: StepStats) -> torch.Tensor:
         """Append one token; logits for the next. Scores the last speculation against the truth."""
         if len(self.tokens) >= self.context_length:
             raise EdgeReadmeError(f"context length {self.context_length} reached; raise "
@@ -263,7 +263,7 @@ class Runtime:
             stats.speculations += 1
             stats.speculations_right += int(torch.equal(self._spec_guess, self.routes[pos]))
             self._spec_guess = None
-        if spec_next and self.router is not None and self.options.speculate:
+        if self.router is not None and self.options.speculate:
             self._speculate(logits)
         stats.decode_tokens += 1
         stats.decode_seconds += time.perf_counter() - start
