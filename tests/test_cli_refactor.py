@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from click.testing import CliRunner
 
 from edge_readme.cli.main import cli
-from edge_readme.refactor.tiny import write_tiny_llama
-
-WORDS = {"code": "def return import class self for in if else print".split(),
-         "legal": "shall licence warranty party agreement liability hereby".split(),
-         "prose": "the moon river night she walked softly over hills".split()}
+from tests.tiny_models import REFACTOR_WORDS as WORDS
+from tests.tiny_models import write_refactor_fixture
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-refactor")
-    rng = random.Random(1)
-    recs = [{"domain": d, "text": " ".join(rng.choice(ws) for _ in range(120))}
-            for d, ws in WORDS.items() for _ in range(8)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-    write_tiny_llama(root / "dense", [r["text"] for r in recs])
-    return root
+    return write_refactor_fixture(tmp_path_factory.mktemp("cli-refactor"), docs_per_domain=8)
 
 
 def test_refactor_then_eval_then_generate(tiny, tmp_path, monkeypatch):

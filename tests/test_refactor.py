@@ -1,7 +1,5 @@
 """Dense -> MoE refactoring on a tiny random Llama: masks, writer, end to end, resume, bad input."""
 
-import json
-import random
 
 import pytest
 import torch
@@ -17,23 +15,15 @@ from edge_readme.refactor.corpus import load_user_data
 from edge_readme.refactor.evaluate import evaluate, open_moe, seq_logits
 from edge_readme.refactor.masks import build_masks
 from edge_readme.refactor.pipeline import refactor
-from edge_readme.refactor.tiny import write_tiny_llama
+from tests.tiny_models import REFACTOR_WORDS as WORDS
+from tests.tiny_models import write_refactor_fixture
 
-WORDS = {"code": "def return import class self for in if else print lambda".split(),
-         "legal": "shall licence warranty party agreement liability terms hereby".split(),
-         "prose": "the moon river night she walked softly over hills dreaming".split()}
 ROUTER = RouterConfig(dim=16, num_layers=1, num_heads=2, ffn_dim=32)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = random.Random(0)
-    recs = [{"domain": d, "text": " ".join(rng.choice(ws) for _ in range(120))}
-            for d, ws in WORDS.items() for _ in range(10)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-    write_tiny_llama(root / "dense", [r["text"] for r in recs])
-    return root
+    return write_refactor_fixture(tmp_path_factory.mktemp("tiny"))
 
 
 def run(tiny, out, **kw):

@@ -209,3 +209,22 @@ def write_moe(folder: Path, num_experts: int = 4, layers: int = 3, seed: int = 0
     write_hf(folder, c, t)
     write_experts(folder, experts, dtype)
     return folder
+
+
+REFACTOR_WORDS = {"code": "def return import class self for in if else print lambda".split(),
+                  "legal": "shall licence warranty party agreement liability terms hereby".split(),
+                  "prose": "the moon river night she walked softly over hills dreaming".split()}
+
+
+def write_refactor_fixture(root: Path, docs_per_domain: int = 10, seed: int = 0) -> Path:
+    """Three labelled toy domains in root/data.jsonl and a tiny dense Llama in root/dense."""
+    import random
+
+    from edge_readme.refactor.tiny import write_tiny_llama
+
+    rng = random.Random(seed)
+    recs = [{"domain": d, "text": " ".join(rng.choice(ws) for _ in range(120))}
+            for d, ws in REFACTOR_WORDS.items() for _ in range(docs_per_domain)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    write_tiny_llama(root / "dense", [r["text"] for r in recs])
+    return root
