@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -54,7 +54,6 @@ class StepStats:
     reused_tokens: int = 0
     speculations: int = 0
     speculations_right: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def pick_device(name: str) -> torch.device:
