@@ -13,6 +13,7 @@ from edge_readme.refactor import calibrate
 from edge_readme.refactor import functional as fn
 from edge_readme.refactor.corpus import load_user_data
 from edge_readme.refactor.evaluate import evaluate, open_moe, seq_logits
+from edge_readme.refactor.allocate import allocate
 from edge_readme.refactor.masks import build_masks
 from edge_readme.refactor.pipeline import refactor
 from tests.tiny_models import REFACTOR_WORDS as WORDS
@@ -44,10 +45,34 @@ def test_masks_on_hand_built_statistics():
     assert all(len(x) == 1 for x in full.experts[0])
 
 
+def test_allocation_spends_rows_on_costly_layers():
+    rows = allocate([1.0, 0.01, 0.1, 0.1], 0.5, 100)
+    assert sum(rows) == 200  # the mean is the asked fraction, exactly
+    assert rows[0] > max(rows[2:]) and min(rows[2:]) > rows[1] >= 30 and rows[0] <= 99
+    assert abs(rows[2] - rows[3]) <= 1  # equal costs, equal shares (up to the rounding)
+    assert allocate([0.2, 0.2, 0.2], 0.5, 100) == [50, 50, 50]
+    noisy = allocate([0.5, -0.01, 0.3], 0.75, 64)  # a cost <= 0 (noise) puts its layer at 30%
+    assert noisy[1] == int(0.3 * 64) and sum(noisy) == 3 * 48 and max(noisy) <= 63
+    assert allocate([0.5, 0.1], 1.0, 64) == [64, 64]
+
+
+def test_masks_with_per_layer_rows():
+    stats = torch.rand(3, 2, 40)
+    m = build_masks(stats, 0.5, rows=[30, 10])
+    for i, keep in enumerate([30, 10]):
+        assert all(len(m.shared[i]) + len(x) == keep for x in m.experts[i])
+        want = stats[1, i].topk(keep).indices.sort().values
+        assert torch.cat([m.shared[i], m.experts[i][1]]).sort().values.tolist() == want.tolist()
+
+
 def test_end_to_end_writes_a_loadable_moe(tiny, tmp_path):
     out = tmp_path / "moe"
     rep = run(tiny, out)
-    assert 0 <= rep["router_accuracy"] <= 1 and rep["params"]["active_ffn_fraction"] == 0.5
+    assert 0 <= rep["router_accuracy"] <= 1
+    assert len(rep["layer_rows"]) == 2 and rep["allocation"] == "sensitivity"
+    assert rep["params"]["active_ffn_fraction"] == pytest.approx(0.5, abs=1e-9)
+    uniform = run(tiny, tmp_path / "uniform", allocation="uniform")
+    assert uniform["params"]["active_ffn_fraction"] == 0.5 and "layer_rows" not in uniform
     for name in ("model.safetensors", "experts.safetensors", "masks.safetensors"):
         with safe_open(str(out / name), framework="pt") as f:
             assert list(f.keys())
@@ -84,6 +109,22 @@ def test_refit_improves_on_masks_alone(tiny, tmp_path):
     assert b < a
 
 
+def test_finetune_distils_on_all_the_training_text(tiny, tmp_path, monkeypatch):
+    from edge_readme.refactor import train
+    seen = {}
+    original = train.finetune
+
+    def spy(bb, layers, router, seqs, *a, **kw):
+        seen["calibration"], seen["experts"] = len(seqs), len(kw["expert_seqs"])
+        return original(bb, layers, router, seqs, *a, **kw)
+
+    monkeypatch.setattr(train, "finetune", spy)
+    rep = run(tiny, tmp_path / "ft", finetune_steps=3, sequences_per_domain=2)
+    assert rep["finetune"]["experts"] is not None and rep["finetune"]["router"] is not None
+    assert seen["experts"] > seen["calibration"] == 6  # 3 domains x 2 calibration sequences
+    assert load_model(tmp_path / "ft").config.moe.num_experts == 3
+
+
 def test_resume_from_cached_statistics(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     run(tiny, tmp_path / "a", cache_dir=cache)
@@ -108,6 +149,7 @@ def test_kmeans_experts_for_unlabelled_data(tiny, tmp_path):
     (dict(experts=1), "at least 2 experts"),
     (dict(experts=100), "experts need at least"),
     (dict(recovery="magic"), "recovery"),
+    (dict(allocation="magic"), "layer allocation"),
 ])
 def test_bad_arguments(tiny, tmp_path, kw, match):
     with pytest.raises(DataError, match=match):

@@ -3,7 +3,8 @@
 One dense pass collects the calibration statistics and every token's router-target codes (train
 and held-out); then per active fraction: masks, router distillation, router accuracy against the
 oracle, and both recoveries, evaluated with the functional forward on the builtin held-out split
-under router routing. Prints one JSON line per (fraction, recovery).
+under router routing; `--finetune-steps N` adds a timed CPU distillation after the refit. Prints
+one JSON line per (fraction, recovery).
 
     python tools/refactor_sweep.py /tmp/setup/model/model.gguf --fractions 0.5,0.75
 """
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 
 from edge_readme.config import RouterConfig
 from edge_readme.loader import load_model
-from edge_readme.refactor import calibrate, recovery, targets, train
+from edge_readme.refactor import allocate, calibrate, recovery, targets, train
 from edge_readme.refactor import functional as fn
 from edge_readme.refactor.masks import build_masks
-from edge_readme.refactor.pipeline import load_docs, moe_params, tokenize
+from edge_readme.refactor.pipeline import finetune_sequences, load_docs, moe_params, tokenize
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
@@ -55,13 +56,24 @@ def ratios(moe: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
 @click.option("--per-domain", default=16)
 @click.option("--router-steps", default=400)
 @click.option("--routing", type=click.Choice(["global", "per_layer"]), default="global")
+@click.option("--allocation", type=click.Choice(["sensitivity", "uniform"]),
+              default="sensitivity", help="per-layer active fractions (see allocate.py)")
+@click.option("--ridge", default=recovery.RIDGE, help="of the refit (recovery.RIDGE)")
+@click.option("--finetune-steps", default=0, help="after the refit, this many steps of "
+              "alternating router / expert distillation (train.finetune), timed")
+@click.option("--eval-sequences", default=16, help="held-out sequences per domain evaluated")
+@click.option("--eval-offset", default=4, help="held-out sequences skipped first: the first 4 "
+              "(what `edge-readme eval` reads by default) chose the allocation exponent and ridge")
 @click.option("--eval-dtype", type=click.Choice(["fast", "float32"]), default="fast",
               help="dtype of the evaluation forwards (fast: bfloat16 where the CPU has it)")
-def main(model, fractions, seq_len, per_domain, router_steps, routing, eval_dtype):
+def main(model, fractions, seq_len, per_domain, router_steps, routing, allocation, ridge,
+         finetune_steps, eval_sequences, eval_offset, eval_dtype):
     torch.manual_seed(0)
     loaded = load_model(model)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
-    cal = tokenize(load_docs(None), tok.encode, seq_len, per_domain, 4)
+    docs = load_docs(None)
+    cal = tokenize(docs, tok.encode, seq_len, per_domain, eval_offset + eval_sequences)
+    cal.heldout = {n: v[eval_offset:] for n, v in cal.heldout.items() if len(v) > eval_offset}
     bb = fn.Backbone.create(loaded.config, loaded.tensors, seq_len)
     fast = bb.to(fn.fast_dtype())
     eb = fast if eval_dtype == "fast" else bb
@@ -78,9 +90,15 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, eval_dtyp
                       "passes_s": round(time.time() - t0)}), flush=True)
     seqs = cal.train_tensor()
     L = bb.config.num_layers
+    costs = None
+    if allocation == "sensitivity":
+        costs = allocate.layer_costs(bb, fast, stats, seqs, codes, routing)
+        print(json.dumps({"layer_costs": [round(c, 4) for c in costs]}), flush=True)
     for frac in [float(f) for f in fractions.split(",")]:
         t0 = time.time()
-        masks = build_masks(stats, frac)
+        rows = None if costs is None else allocate.allocate(costs, frac,
+                                                             bb.config.intermediate_size)
+        masks = build_masks(stats, frac, rows)
         soft = targets.soft_target(targets.scores_from_codes(codes, masks), routing)
         router = Router.init_from_embedding(RouterConfig(), bb.tensors["model.embed_tokens.weight"],
                                             masks.num_experts, L, routing)
@@ -88,7 +106,8 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, eval_dtyp
         oracle = targets.oracle(targets.scores_from_codes(held_codes, masks), routing)
         acc = train.router_accuracy(router, held, oracle)
         layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(L)]
-        row = {"fraction": frac, "routing": routing, "router_accuracy": round(acc, 3),
+        row = {"fraction": frac, "allocation": allocation, "routing": routing, "ridge": ridge,
+               "router_accuracy": round(acc, 3),
                "params": moe_params(bb.config, masks, router)}
         print(json.dumps({**row, "recovery": "none",
                           "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
@@ -96,11 +115,20 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, eval_dtyp
         t1 = time.time()
         with torch.inference_mode():
             route = targets.as_path(router.forward_batch(seqs).argmax(-1), L, routing)
-        recovery.refit(bb, layers, seqs, route, dtype=fast.dtype)
+        recovery.refit(bb, layers, seqs, route, ridge=ridge, dtype=fast.dtype)
         refit_s = round(time.time() - t1)
         print(json.dumps({**row, "recovery": "refit",
                           "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
                           "refit_s": refit_s}), flush=True)
+        if finetune_steps:
+            t1 = time.time()
+            train.finetune(bb, layers, router, seqs, soft, finetune_steps,
+                           expert_seqs=finetune_sequences(docs, tok.encode))
+            acc = train.router_accuracy(router, held, oracle)
+            print(json.dumps({**row, "recovery": f"refit+distill{finetune_steps}",
+                              "router_accuracy": round(acc, 3),
+                              "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
+                              "distill_s": round(time.time() - t1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from .common import friendly
               help="Number of routed experts (default: one per domain; else k-means clusters).")
 @click.option("--active-fraction", type=float, default=0.5, show_default=True,
               help="Share of each layer's FFN neurons a domain keeps, in (0, 1].")
+@click.option("--layer-allocation", "allocation", type=click.Choice(["sensitivity", "uniform"]),
+              default="sensitivity", show_default=True,
+              help="Spread the active neurons over layers by measured sensitivity (the mean "
+                   "stays --active-fraction), or keep the same share in every layer.")
 @click.option("--recovery", type=click.Choice(["none", "refit"]), default="refit",
               show_default=True, help="Training-free recovery of the sliced experts.")
 @click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
@@ -33,7 +37,8 @@ from .common import friendly
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
 def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int | None,
-                     active_fraction: float, recovery: str, finetune_steps: int, routing: str,
+                     active_fraction: float, allocation: str, recovery: str,
+                     finetune_steps: int, routing: str,
                      seq_len: int, sequences_per_domain: int, router_steps: int, seed: int,
                      force: bool, as_json: bool) -> None:
     """Refactor the dense MODEL into a router-decoupled MoE folder OUT (Read-ME)."""
@@ -41,7 +46,8 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
     from ..registry import resolve
 
     report = refactor(resolve(model), out, data=list(data) or None, experts=experts,
-                      active_fraction=active_fraction, finetune_steps=finetune_steps,
+                      active_fraction=active_fraction, allocation=allocation,
+                      finetune_steps=finetune_steps,
                       recovery=recovery, seq_len=seq_len,
                       sequences_per_domain=sequences_per_domain, seed=seed, force=force,
                       routing=routing, router_steps=router_steps)

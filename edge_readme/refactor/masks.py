@@ -68,14 +68,18 @@ def check_fraction(active_fraction: float) -> None:
                         "e.g. 0.5 keeps half of each FFN per token")
 
 
-def build_masks(stats: torch.Tensor, active_fraction: float) -> Masks:
-    """stats: [G, L, F] mean |act| -> shared and per-group expert masks."""
+def build_masks(stats: torch.Tensor, active_fraction: float,
+                rows: list[int] | None = None) -> Masks:
+    """stats: [G, L, F] mean |act| -> shared and per-group expert masks.
+
+    Each group keeps its top `active_fraction` of every layer's neurons, or `rows[i]` neurons of
+    layer i when given (a per-layer allocation, see allocate.py)."""
     check_fraction(active_fraction)
     G, L, F = stats.shape
-    keep = max(1, round(active_fraction * F))
-    top = stats.topk(keep, dim=-1).indices  # [G, L, keep]
+    keep = rows if rows is not None else [max(1, round(active_fraction * F))] * L
     chosen = torch.zeros(G, L, F, dtype=torch.bool)
-    chosen.scatter_(2, top, True)
+    for i in range(L):
+        chosen[:, i].scatter_(1, stats[:, i].topk(keep[i], dim=-1).indices, True)
     common = chosen.all(dim=0)  # [L, F]
     shared, experts = [], []
     for i in range(L):

@@ -20,7 +20,7 @@ from edge_readme.loader import load_model
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
-from . import calibrate, targets, train
+from . import allocate, calibrate, targets, train
 from . import functional as fn
 from . import recovery as rec
 from .corpus import by_domain, load_builtin, load_user_data, token_batches
@@ -28,6 +28,7 @@ from .masks import Masks, build_masks, check_fraction
 from .writer import check_target, write_moe_folder
 
 RECOVERY = ("none", "refit")
+ALLOCATION = ("sensitivity", "uniform")
 MIN_TOKENS_PER_CLUSTER = 64
 
 
@@ -67,10 +68,12 @@ def tokenize(docs, encode, seq_len: int, per_domain: int, heldout_per_domain: in
 
 
 def check_args(active_fraction: float, recovery: str, finetune_steps: int,
-               experts: int | None) -> None:
+               experts: int | None, allocation: str = "uniform") -> None:
     check_fraction(active_fraction)
     if recovery not in RECOVERY:
         raise DataError(f"recovery is {recovery!r}; expected one of {RECOVERY}")
+    if allocation not in ALLOCATION:
+        raise DataError(f"layer allocation is {allocation!r}; expected one of {ALLOCATION}")
     if not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise DataError(f"finetune_steps is {finetune_steps!r}; expected an integer >= 0")
     if experts is not None and (not isinstance(experts, int) or experts < 2):
@@ -125,10 +128,14 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
              recovery="refit", seq_len=256, sequences_per_domain=16, seed=0, device="cpu",
              force=False, progress=True, routing="global", router_steps=400,
              router_config: RouterConfig | None = None, cache_dir=None,
-             heldout_sequences=4, _on_done=None) -> dict[str, Any]:
-    """Refactor the dense model at `model_path` into a MoE folder at `out`; returns a report."""
+             heldout_sequences=4, allocation="sensitivity", _on_done=None) -> dict[str, Any]:
+    """Refactor the dense model at `model_path` into a MoE folder at `out`; returns a report.
+
+    `allocation`: "sensitivity" spreads the active neurons over layers by their measured
+    fragility (allocate.py; the mean per layer stays `active_fraction`), "uniform" keeps
+    `active_fraction` of every layer."""
     out = Path(out)
-    check_args(active_fraction, recovery, finetune_steps, experts)
+    check_args(active_fraction, recovery, finetune_steps, experts, allocation)
     check_target(out, force)
     docs = load_docs(data)
     torch.manual_seed(seed)
@@ -140,15 +147,22 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     cache = Path(cache_dir) if cache_dir is not None else calibrate.default_cache_dir()
     fp = calibrate.model_fingerprint(Path(model_path))
     stats, names, codes = group_stats(fast, cal, experts, fp, cache, seed, progress)
-    masks = build_masks(stats, active_fraction)
+    seqs = cal.train_tensor()
+    rows = None
+    if allocation == "sensitivity" and active_fraction < 1:
+        costs = allocate.layer_costs(bb, fast, stats, seqs, codes, routing, progress=progress)
+        rows = allocate.allocate(costs, active_fraction, loaded.config.intermediate_size)
+    masks = build_masks(stats, active_fraction, rows)
     rcfg = router_config or RouterConfig()
     router = Router.init_from_embedding(rcfg, bb.tensors["model.embed_tokens.weight"],
                                         masks.num_experts, loaded.config.num_layers, routing, seed)
-    seqs = cal.train_tensor()
     soft = targets.soft_target(targets.scores_from_codes(codes, masks), routing)  # [N, T, (L,) E]
     del codes
     report: dict[str, Any] = {"domains": names, "active_fraction": active_fraction,
-                              "recovery": recovery, "finetune_steps": finetune_steps}
+                              "allocation": allocation, "recovery": recovery,
+                              "finetune_steps": finetune_steps}
+    if rows is not None:
+        report["layer_rows"] = rows
     report["router_loss"] = train.train_router(router, seqs, soft, router_steps, seed=seed,
                                                progress=progress)[-5:]
     held_codes = heldout_codes(fast, cal, progress)
@@ -160,8 +174,9 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     if recovery == "refit":
         rec.refit(bb, layers, seqs, route, progress=progress, dtype=fast.dtype)
     if finetune_steps:
-        report["finetune"] = _last(train.finetune(bb, layers, router, seqs, soft, finetune_steps,
-                                                  seed=seed, progress=progress))
+        report["finetune"] = _last(train.finetune(
+            bb, layers, router, seqs, soft, finetune_steps, seed=seed, progress=progress,
+            expert_seqs=finetune_sequences(docs, tok.encode, min(seq_len, 128))))
         report["router_accuracy_after_finetune"] = heldout_accuracy(
             router, cal, held_codes, masks, routing)
     report["params"] = moe_params(loaded.config, masks, router)
@@ -177,6 +192,14 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
                          loaded.chat_template, _provenance(report, seq_len, sequences_per_domain,
                                                            seed, model_path), force)
     return report
+
+
+def finetune_sequences(docs, encode, seq_len: int = 128, per_domain: int = 1024) -> torch.Tensor:
+    """All the training text cut into `seq_len`-token sequences, for the expert distillation."""
+    train_docs = by_domain([d for d in docs if d.split == "train"])
+    seqs = [s for group in train_docs.values()
+            for s in token_batches(group, encode, seq_len, per_domain)]
+    return torch.tensor(seqs, dtype=torch.long)
 
 
 def heldout_codes(bb, cal: Calibration, progress: bool) -> torch.Tensor | None:

@@ -155,9 +155,15 @@ def train_experts(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router,
 def finetune(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router, seqs: torch.Tensor,
              target: torch.Tensor, steps: int, seq_len: int = 128, batch: int = 4,
              router_lr: float = 1e-3, expert_lr: float = 1e-4, seed: int = 0,
-             progress: bool = True) -> dict[str, list[float]]:
-    """`steps` optimiser steps in ROUNDS rounds of router then expert tuning, lr decaying."""
+             progress: bool = True,
+             expert_seqs: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """`steps` optimiser steps in ROUNDS rounds of router then expert tuning, lr decaying.
+
+    The router rounds fit `target` on `seqs`; the expert rounds distil the dense model on
+    `expert_seqs` (default `seqs`), which needs no targets and so can be far more text: with only
+    the calibration sequences, a few hundred steps overfit them."""
     seqs, target = seqs[:, :seq_len], target[:, :seq_len]
+    expert_seqs = seqs if expert_seqs is None else expert_seqs[:, :seq_len]
     sync_params([p for layer in layers for p in layer.parameters()] + list(router.parameters()))
     rounds = max(1, min(ROUNDS, steps // 3))
     log: dict[str, list[float]] = {"router": [], "experts": []}
@@ -172,7 +178,7 @@ def finetune(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router, seqs: t
                 log["router"] += train_router(router, seqs, target, n - n_exp, router_lr * decay,
                                               batch, seed + 7 * r, progress=False)
                 bar.update(n - n_exp)
-            log["experts"] += train_experts(bb, layers, router, seqs, n_exp, expert_lr * decay,
-                                            batch, seed + 13 * r, bar, done)
+            log["experts"] += train_experts(bb, layers, router, expert_seqs, n_exp,
+                                            expert_lr * decay, batch, seed + 13 * r, bar, done)
             done += n
     return log
