@@ -67,12 +67,13 @@ def test_moe_tokens_equal_at_every_budget_and_policy(moe_path):
 
 
 def test_moe_quality_stays_within_its_measured_bounds(moe_path, dense_path):
-    """Held-out perplexity against the dense model (README: 1.40 mean at the shipped point)."""
+    """Held-out perplexity against the dense model (README: 1.20-1.24 mean at the shipped point;
+    this short slice of held-out text measured 1.14 here)."""
     from edge_readme.refactor.evaluate import evaluate
 
     report = evaluate(moe_path, reference=dense_path, seq_len=128, sequences_per_domain=1,
                       gen_tokens=4, progress=False)
-    assert report["mean_ratio"] < 1.6, report["domains"]
+    assert report["mean_ratio"] < 1.35, report["domains"]
     assert report["router_accuracy"] > 0.7
 
 

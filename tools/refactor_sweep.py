@@ -49,6 +49,15 @@ def ratios(moe: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
     return r
 
 
+def step_seconds(bb, layers, router, docs, tok) -> float:
+    """Seconds per expert-distillation step (batch 4 x 128 tokens), on copies of the layers."""
+    copies = [fn.MoELayer(tuple(w.clone() for w in x.shared),
+                          [tuple(w.clone() for w in e) for e in x.experts]) for x in layers]
+    t = time.time()
+    train.train_experts(bb, copies, router, finetune_sequences(docs, tok.encode), 3, 1e-4, 4, 0)
+    return (time.time() - t) / 3
+
+
 @click.command()
 @click.argument("model")
 @click.option("--fractions", default="0.5,0.625,0.75,0.9")
@@ -61,13 +70,15 @@ def ratios(moe: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
 @click.option("--ridge", default=recovery.RIDGE, help="of the refit (recovery.RIDGE)")
 @click.option("--finetune-steps", default=0, help="after the refit, this many steps of "
               "alternating router / expert distillation (train.finetune), timed")
+@click.option("--finetune-minutes", default=0.0, help="instead of --finetune-steps: as many "
+              "steps as fit in this many minutes, at the speed of 3 timed expert steps")
 @click.option("--eval-sequences", default=16, help="held-out sequences per domain evaluated")
 @click.option("--eval-offset", default=4, help="held-out sequences skipped first: the first 4 "
               "(what `edge-readme eval` reads by default) chose the allocation exponent and ridge")
 @click.option("--eval-dtype", type=click.Choice(["fast", "float32"]), default="fast",
               help="dtype of the evaluation forwards (fast: bfloat16 where the CPU has it)")
 def main(model, fractions, seq_len, per_domain, router_steps, routing, allocation, ridge,
-         finetune_steps, eval_sequences, eval_offset, eval_dtype):
+         finetune_steps, finetune_minutes, eval_sequences, eval_offset, eval_dtype):
     torch.manual_seed(0)
     loaded = load_model(model)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
@@ -120,12 +131,15 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, allocatio
         print(json.dumps({**row, "recovery": "refit",
                           "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
                           "refit_s": refit_s}), flush=True)
-        if finetune_steps:
+        steps = finetune_steps
+        if finetune_minutes:
+            steps = max(3, int(finetune_minutes * 60 / step_seconds(bb, layers, router, docs, tok)))
+        if steps:
             t1 = time.time()
-            train.finetune(bb, layers, router, seqs, soft, finetune_steps,
+            train.finetune(bb, layers, router, seqs, soft, steps,
                            expert_seqs=finetune_sequences(docs, tok.encode))
             acc = train.router_accuracy(router, held, oracle)
-            print(json.dumps({**row, "recovery": f"refit+distill{finetune_steps}",
+            print(json.dumps({**row, "recovery": f"refit+distill{steps}",
                               "router_accuracy": round(acc, 3),
                               "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
                               "distill_s": round(time.time() - t1)}), flush=True)
