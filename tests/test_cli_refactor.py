@@ -22,10 +22,11 @@ def test_refactor_then_eval_then_generate(tiny, tmp_path, monkeypatch):
     out = tmp_path / "moe"
     args = ["refactor", str(tiny / "dense"), str(out), "--data", str(tiny / "data.jsonl"),
             "--seq-len", "32", "--sequences-per-domain", "3", "--router-steps", "5",
-            "--active-fraction", "0.5", "--json"]
+            "--active-fraction", "0.5", "--layer-allocation", "uniform", "--json"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert (out / "experts.json").exists() and (out / "config.json").exists()
+    assert json.loads((out / "refactor.json").read_text())["allocation"] == "uniform"
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and "exists" in r.output and "--force" in r.output
     r = CliRunner().invoke(cli, ["eval", str(out), "--data", str(tiny / "data.jsonl"),
@@ -41,7 +42,8 @@ def test_refactor_then_eval_then_generate(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,match", [(["--active-fraction", "0"], "active fraction"),
-                                         (["--data", "/no/such.txt"], "no/such.txt")])
+                                         (["--data", "/no/such.txt"], "no/such.txt"),
+                                         (["--layer-allocation", "even"], "sensitivity")])
 def test_refactor_bad_input(tiny, tmp_path, extra, match):
     r = CliRunner().invoke(cli, ["refactor", str(tiny / "dense"), str(tmp_path / "o")] + extra)
     assert r.exit_code == 2, r.output
