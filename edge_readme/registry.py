@@ -80,10 +80,35 @@ def local_path(name: str) -> Path:
 
 
 def is_present(name: str) -> bool:
+    """In the store and current: a derived model built from other artifacts (an older
+    edge-readme) counts as absent, so the next pull or load rebuilds it."""
     p = local_path(name)
     if isinstance(REGISTRY[name], PackagedGGUF):
         return p.is_file() and _stamp(p).exists()
-    return (p / "config.json").is_file()
+    return (p / "config.json").is_file() and built_from_artifacts(p) == artifacts_digest()
+
+
+def artifacts_digest(folder: Path | None = None) -> str:
+    """sha256 over the default-MoE artifacts (names and bytes; default: the shipped ones), which
+    a build records in its refactor.json."""
+    from importlib import resources
+
+    h = hashlib.sha256()
+    src = folder if folder is not None else resources.files("edge_readme") / "artifacts"
+    for f in sorted(src.iterdir(), key=lambda f: f.name):
+        if f.is_file() and not f.name.startswith("."):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def built_from_artifacts(folder: Path) -> str | None:
+    """The artifacts digest a derived model folder was built from (None: unknown or unreadable)."""
+    import json
+
+    try:
+        return json.loads((folder / "refactor.json").read_text()).get("artifacts_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _stamp(p: Path) -> Path:
@@ -205,9 +230,8 @@ def _build_derived(entry: DerivedModel, force: bool, progress: Progress | None) 
     from .refactor.build_default import build_default  # offline tool; imported only here
 
     target = local_path(entry.name)
-    if target.exists() and force:
-        shutil.rmtree(target)
-    build_default(base, target, progress=progress)
+    # force, or a stale build (other artifacts): build_default swaps the new folder in atomically
+    build_default(base, target, progress=progress, force=force or target.exists())
     return target
 
 

@@ -144,3 +144,17 @@ def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
         registry.pull("smollm2-135m")
     leftovers = [p for p in (tmp_path / "models").rglob("*")]
     assert leftovers == []
+
+
+def test_a_default_moe_built_from_other_artifacts_is_stale(tmp_path, monkeypatch):
+    """After an upgrade ships new artifacts, the old build is not used: it reads as absent."""
+    monkeypatch.setenv("EDGE_README_HOME", str(tmp_path))
+    folder = registry.local_path("smollm2-135m-readme")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert not registry.is_present("smollm2-135m-readme")  # no provenance: built by an old one
+    for digest, present in [("0" * 64, False), (registry.artifacts_digest(), True)]:
+        (folder / "refactor.json").write_text(json.dumps({"artifacts_sha256": digest}))
+        assert registry.is_present("smollm2-135m-readme") is present
+    (folder / "refactor.json").write_text("{not json")
+    assert not registry.is_present("smollm2-135m-readme")

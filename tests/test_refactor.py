@@ -11,9 +11,9 @@ from edge_readme.experts_format import read_manifest
 from edge_readme.loader import load_model
 from edge_readme.refactor import calibrate
 from edge_readme.refactor import functional as fn
+from edge_readme.refactor.allocate import allocate
 from edge_readme.refactor.corpus import load_user_data
 from edge_readme.refactor.evaluate import evaluate, open_moe, seq_logits
-from edge_readme.refactor.allocate import allocate
 from edge_readme.refactor.masks import build_masks
 from edge_readme.refactor.pipeline import refactor
 from tests.tiny_models import REFACTOR_WORDS as WORDS

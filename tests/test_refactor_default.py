@@ -45,6 +45,8 @@ def test_build_default_makes_a_working_moe(gguf, tmp_path):
     assert calls and calls[-1] == ("refit", 1.0)
     loaded = load_model(out)
     meta = json.loads((ARTIFACTS / META).read_text())
+    prov = json.loads((out / "refactor.json").read_text())
+    assert prov["artifacts_sha256"] == registry.artifacts_digest()  # what makes a build current
     assert loaded.config.moe.num_experts == meta["moe"]["num_experts"]
     assert read_manifest(out).num_experts == loaded.config.moe.num_experts
     with safe_open(str(out / "experts.safetensors"), framework="pt") as f:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from edge_readme.config import MoEConfig, RouterConfig
 from edge_readme.errors import ModelFormatError
 from edge_readme.loader import load_model
+from edge_readme.registry import artifacts_digest
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
@@ -91,8 +92,9 @@ def build_default(gguf_path, out_folder, progress=None, force: bool = False,
         recovery.refit(bb, layers, seqs, route, progress=progress is not False,
                        callback=callback)
     config = dataclasses.replace(c, moe=moe)
+    prov = {**prov, "built_from": str(gguf_path), "artifacts_sha256": artifacts_digest(src)}
     return write_moe_folder(out_folder, config, bb, layers, router.state_tensors(), masks, tok,
-                            dense.chat_template, {**prov, "built_from": str(gguf_path)}, force)
+                            dense.chat_template, prov, force)
 
 
 def _router(src: Path, cfg: RouterConfig, moe: MoEConfig, layers: int, tensors) -> Router:
