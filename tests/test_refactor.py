@@ -86,6 +86,14 @@ def test_end_to_end_writes_a_loadable_moe(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_per_layer_routing_end_to_end(tiny, tmp_path):
+    rep = run(tiny, tmp_path / "pl", routing="per_layer")
+    assert len(rep["layer_rows"]) == 2 and 0 <= rep["router_accuracy"] <= 1
+    loaded, model, router, masks = open_moe(tmp_path / "pl")
+    assert loaded.config.moe.routing == "per_layer"
+    assert router.route(torch.arange(10)).shape == (10, 2)  # a path: one expert per layer
+
+
 def test_runtime_moe_matches_functional_twin(tiny, tmp_path):
     out = tmp_path / "moe"
     run(tiny, out, recovery="none")
