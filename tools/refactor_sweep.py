@@ -15,7 +15,6 @@ import time
 
 import click
 import torch
-import torch.nn.functional as F
 
 from edge_readme.config import RouterConfig
 from edge_readme.loader import load_model
@@ -28,18 +27,14 @@ from edge_readme.tokenizer import Tokenizer
 
 
 @torch.inference_mode()
-def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
-
-
-@torch.inference_mode()
 def moe_nll(eb, layers, router, cal) -> dict[str, float]:
     out = {}
     for name in cal.names:
         ids = torch.tensor(cal.heldout[name])
         route = targets.as_path(router.forward_batch(ids).argmax(-1), eb.config.num_layers,
                                 router.routing)
-        out[name] = nll(fn.moe_forward(eb, [x.to(eb.dtype) for x in layers], ids, route), ids)
+        logits = fn.moe_forward(eb, [x.to(eb.dtype) for x in layers], ids, route)
+        out[name] = fn.mean_nll(logits, ids)
     return out
 
 
@@ -49,12 +44,12 @@ def ratios(moe: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
     return r
 
 
-def step_seconds(bb, layers, router, docs, tok) -> float:
+def step_seconds(bb, layers, router, expert_seqs) -> float:
     """Seconds per expert-distillation step (batch 4 x 128 tokens), on copies of the layers."""
     copies = [fn.MoELayer(tuple(w.clone() for w in x.shared),
                           [tuple(w.clone() for w in e) for e in x.experts]) for x in layers]
     t = time.time()
-    train.train_experts(bb, copies, router, finetune_sequences(docs, tok.encode), 3, 1e-4, 4, 0)
+    train.train_experts(bb, copies, router, expert_seqs, 3, 1e-4, 4, 0)
     return (time.time() - t) / 3
 
 
@@ -94,12 +89,13 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, allocatio
     held = cal.heldout_tensor()
     held_codes = targets.activation_codes(fast, held.tolist(), desc="held-out targets")
     with torch.inference_mode():
-        dense = {n: nll(fn.dense_forward(eb, torch.tensor(cal.heldout[n])),
-                        torch.tensor(cal.heldout[n])) for n in cal.names}
+        dense = {n: fn.mean_nll(fn.dense_forward(eb, torch.tensor(cal.heldout[n])),
+                                torch.tensor(cal.heldout[n])) for n in cal.names}
     print(json.dumps({"pass_dtype": str(fast.dtype), "eval_dtype": str(eb.dtype),
                       "dense_ppl": {n: round(math.exp(v), 3) for n, v in dense.items()},
                       "passes_s": round(time.time() - t0)}), flush=True)
     seqs = cal.train_tensor()
+    expert_seqs = finetune_sequences(docs, tok.encode)
     L = bb.config.num_layers
     costs = None
     if allocation == "sensitivity":
@@ -133,11 +129,11 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, allocatio
                           "refit_s": refit_s}), flush=True)
         steps = finetune_steps
         if finetune_minutes:
-            steps = max(3, int(finetune_minutes * 60 / step_seconds(bb, layers, router, docs, tok)))
+            steps = max(3, int(finetune_minutes * 60 / step_seconds(bb, layers, router,
+                                                                    expert_seqs)))
         if steps:
             t1 = time.time()
-            train.finetune(bb, layers, router, seqs, soft, steps,
-                           expert_seqs=finetune_sequences(docs, tok.encode))
+            train.finetune(bb, layers, router, seqs, soft, steps, expert_seqs=expert_seqs)
             acc = train.router_accuracy(router, held, oracle)
             print(json.dumps({**row, "recovery": f"refit+distill{steps}",
                               "router_accuracy": round(acc, 3),

@@ -15,7 +15,6 @@ p = 1.5 was chosen on SmolLM2-135M at mean 0.75 with the refit (held-out ratio 1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import functional as fn
@@ -44,7 +43,7 @@ def layer_costs(master: fn.Backbone, fast: fn.Backbone, stats: torch.Tensor,
     xs = [fn.embed(fast, ids)]  # the dense residual stream entering each layer
     for i in range(L):
         xs.append(_dense_layer(fast, i, xs[-1]))
-    base = _nll(fast, xs[-1], ids)
+    base = fn.mean_nll(fn.logits(fast, xs[-1]), ids)
     costs = []
     for i in tqdm(range(L), desc="layer costs", unit="layer", disable=not progress):
         layer = fn.slice_layer(master, i, masks.shared[i], masks.experts[i]).to(fast.dtype)
@@ -53,7 +52,7 @@ def layer_costs(master: fn.Backbone, fast: fn.Backbone, stats: torch.Tensor,
         x = x + fn.moe_ffn(layer, h, route[..., i].reshape(-1)).view(B, T, -1)
         for j in range(i + 1, L):
             x = _dense_layer(fast, j, x)
-        costs.append(_nll(fast, x, ids) - base)
+        costs.append(fn.mean_nll(fn.logits(fast, x), ids) - base)
     return costs
 
 
@@ -87,9 +86,4 @@ def allocate(costs: list[float], mean: float, width: int, exponent: float = EXPO
 
 def _dense_layer(bb: fn.Backbone, i: int, x: torch.Tensor) -> torch.Tensor:
     x = fn.attention_block(bb, i, x)
-    return x + fn.dense_down(bb, i, fn.dense_act(bb, i, fn.ffn_input(bb, i, x)))
-
-
-def _nll(bb: fn.Backbone, x: torch.Tensor, ids: torch.Tensor) -> float:
-    logits = fn.logits(bb, x)[:, :-1].flatten(0, 1).float()
-    return float(F.cross_entropy(logits, ids[:, 1:].flatten()))
+    return x + fn.dense_ffn(bb, i, x)

@@ -100,6 +100,16 @@ def dense_down(bb: Backbone, layer: int, act: torch.Tensor) -> torch.Tensor:
     return F.linear(act, bb.w(layer, "mlp.down_proj"))
 
 
+def dense_ffn(bb: Backbone, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN's contribution to the residual stream x [..., D]."""
+    return dense_down(bb, layer, dense_act(bb, layer, ffn_input(bb, layer, x)))
+
+
+def mean_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood of ids [B, T] under logits [B, T, V]."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+
+
 def logits(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
     t = bb.tensors
     x = F.rms_norm(x, x.shape[-1:], t["model.norm.weight"], bb.config.rms_eps)

@@ -79,8 +79,7 @@ def refit(bb: fn.Backbone, layers: list[fn.MoELayer], seqs: torch.Tensor, route:
     N, T, D = x_dense.shape
     for i in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
         mid_d = _chunked(lambda x: fn.attention_block(fb, i, x), x_dense)
-        x_dense = mid_d + _chunked(lambda x: fn.dense_down(fb, i, fn.dense_act(
-            fb, i, fn.ffn_input(fb, i, x))), mid_d)
+        x_dense = mid_d + _chunked(lambda x: fn.dense_ffn(fb, i, x), mid_d)
         mid_m = _chunked(lambda x: fn.attention_block(fb, i, x), x_moe)
         h = fn.ffn_input(fb, i, mid_m).reshape(N * T, D)
         r = route[..., i].reshape(-1)
