@@ -3,8 +3,8 @@
 One tensor per (layer, expert) named `layers.{l}.experts.{e}`. Float experts (dtype float32,
 bfloat16, float16) have shape [3, rows, D]: [0] gate_proj rows, [1] up_proj rows, [2] down_proj
 columns transposed. q4 experts (dtype "q4") are one uint8 blob each, laid out as
-`edge_readme.quant.experts` says (int4 group-wise, rows padded to 32 with zero neurons). Every expert starts at a
-file offset aligned to 4096 (header padded with spaces, `__pad__.{k}` uint8 tensors between
+`edge_readme.quant.experts` says (int4 group-wise, rows padded to 32 with zero neurons).
+Every expert starts at a file offset aligned to 4096 (header padded with spaces, `__pad__.{k}` uint8 tensors between
 experts), so one positioned read, or one O_DIRECT read, fetches one expert.
 This module writes and validates the format; it does not read expert bytes (see cache/store.py).
 """
@@ -392,3 +392,19 @@ def _check_tensors_file(path: Path, data: dict, entries: tuple[ExpertEntry, ...]
     header, data_start = _read_st_header(path)
     for e in entries:
         _check_against_header(path, header, data_start, data, e)
+
+
+def load_float_experts(folder: str | os.PathLike) -> dict[Key, torch.Tensor]:
+    """Every expert as float32 [3, rows, D] (q4 ones decoded exactly), for offline tools."""
+    from safetensors import safe_open
+
+    m = read_manifest(folder)
+    out = {}
+    with safe_open(str(m.path), framework="pt") as f:
+        for e in m.entries:
+            t = f.get_tensor(tensor_name(e.layer, e.expert))
+            if m.expert_format == Q4:
+                gu, dn = qexperts.dequantize(qexperts.Layout(e.rows, m.hidden_size).views(t))
+                t = torch.cat([gu, dn.t()]).view(3, e.rows, m.hidden_size)
+            out[e.key] = t.float()
+    return out

@@ -88,7 +88,8 @@ def test_q4_keeps_a_4bit_matrix_exactly():
 
     c = tiny_config()
     t = _snap_q4_1(tiny_tensors(c))
-    w = torch.cat([t["model.layers.0.mlp.gate_proj.weight"], t["model.layers.0.mlp.up_proj.weight"]])
+    mlp = "model.layers.0.mlp."
+    w = torch.cat([t[mlp + "gate_proj.weight"], t[mlp + "up_proj.weight"]])
     q = Q4Weight.quantize(w)
     assert torch.equal(q.dequantize(), w)
     x = torch.randn(3, w.shape[1])

@@ -26,6 +26,7 @@ from edge_readme.config import ModelConfig
 from edge_readme.errors import DataError, EdgeReadmeError
 from edge_readme.experts_format import dtype_name, write_experts
 from edge_readme.quant import q4
+from edge_readme.quant.experts import supported as q4_supported
 
 from . import functional as fn
 from .masks import Masks
@@ -75,11 +76,14 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
                      layers: list[fn.MoELayer], router_tensors: dict[str, torch.Tensor],
                      masks: Masks, tokenizer, chat_template: str | None,
                      provenance: dict[str, Any], force: bool = False,
-                     dtype: torch.dtype = torch.float16, expert_format: str = "q4") -> Path:
+                     dtype: torch.dtype = torch.float16, expert_format: str = "auto") -> Path:
     """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer.
 
-    expert_format: "q4" (int4 experts and projections), or a float dtype name for the experts
-    ("f16", "bf16", "f32"); other tensors are stored in `dtype`."""
+    expert_format: "q4" (int4 experts and projections), a float dtype name for the experts
+    ("f16", "bf16", "f32"; other tensors are stored in `dtype`), or "auto": q4 where the hidden
+    size allows it (a multiple of 64), else float16."""
+    if expert_format == "auto":
+        expert_format = "q4" if q4_supported(config.hidden_size) else "f16"
     expert_format = dtype_name(expert_format)
     out = Path(out)
     check_target(out, force)
