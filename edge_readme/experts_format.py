@@ -4,8 +4,8 @@ One tensor per (layer, expert) named `layers.{l}.experts.{e}`. Float experts (dt
 bfloat16, float16) have shape [3, rows, D]: [0] gate_proj rows, [1] up_proj rows, [2] down_proj
 columns transposed. q4 experts (dtype "q4") are one uint8 blob each, laid out as
 `edge_readme.quant.experts` says (int4 group-wise, rows padded to 32 with zero neurons).
-Every expert starts at a file offset aligned to 4096 (header padded with spaces, `__pad__.{k}` uint8 tensors between
-experts), so one positioned read, or one O_DIRECT read, fetches one expert.
+Every expert starts at a file offset aligned to 4096 (header padded with spaces, `__pad__.{k}`
+uint8 tensors between experts), so one positioned read, or one O_DIRECT read, fetches one expert.
 This module writes and validates the format; it does not read expert bytes (see cache/store.py).
 """
 

@@ -43,8 +43,8 @@ from .common import DEFAULT_MODEL, friendly
 @friendly
 def bench_command(model: str, prompts_file: str | None, budgets: str, policies: str, modes: str,
                   max_tokens: int, out_dir: str | None, trace_file: str | None, device: str,
-                  weights: str | None, dtype: str | None, threads: int | None, context_length: int, cold: bool,
-                  quiet: bool) -> None:
+                  weights: str | None, dtype: str | None, threads: int | None,
+                  context_length: int, cold: bool, quiet: bool) -> None:
     """Sweep budgets x policies x lookahead; hit ratios against the offline optimum."""
     from .. import bench
     from ..cache.policies import POLICIES
