@@ -82,7 +82,7 @@ def pick_dtype(name: str | None, device: torch.device, quantize: str | None = No
 
 
 def pick_format(o: RuntimeOptions, device: torch.device) -> tuple[str, torch.dtype]:
-    """(weight format, activation dtype) from --weights, or the older --dtype / --quantize."""
+    """(weight format, compute dtype) from --weights, or the older --dtype / --quantize."""
     if o.dtype is not None and o.dtype not in DTYPES:
         raise EdgeReadmeError(f"--dtype: unknown dtype {o.dtype!r}; use float32, bfloat16 or "
                               "float16")
@@ -110,7 +110,8 @@ def expert_slot(manifest, fmt: str, device: torch.device, dtype: torch.dtype) ->
     formats; otherwise slots hold floats in the compute dtype (q4 files are dequantized on fill)."""
     if manifest.expert_format == "q4" and fmt in ("q4", "q8") and device.type == "cpu":
         lay = qexperts.Layout(manifest.max_rows, manifest.hidden_size)
-        return "q4", align_up(lay.nbytes) + align_up(lay.scale_zero_bytes)
+        sz_bytes = lay.scale_zero_numel() * quant.act_dtype(fmt, device).itemsize
+        return "q4", align_up(lay.nbytes) + align_up(sz_bytes)
     return "float", align_up(3 * manifest.max_rows * manifest.hidden_size * dtype.itemsize)
 
 
@@ -212,6 +213,7 @@ class Runtime:
                                        rope_length=self.context_length, weights=self.weights)
         self.kv = KVCache(c, self.context_length, device=self.device, dtype=self.dtype)
         self.router = self.router_cache = self.cache = self.prefetcher = None
+        self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
         progress("weights", 1.0)
@@ -229,7 +231,8 @@ class Runtime:
         self.cache = self._stack.enter_context(
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
                         policy=o.policy,
-                        form=expert_slot(m, self.weights, self.device, self.dtype)[0]))
+                        form=expert_slot(m, self.weights, self.device, self.dtype)[0],
+                        kernel_dtype=quant.act_dtype(self.weights, self.device)))
         self.model.attach_experts(self.cache)
         self.prefetcher = self._stack.enter_context(
             Prefetcher(self.cache, enabled=o.prefetch))
@@ -240,6 +243,8 @@ class Runtime:
                     pass
                 progress("experts", (i + 1) / len(keys))
             self.cache.reset_stats()
+            # all resident: no loads, evictions, prefetches or speculation from here on
+            self.all_resident = self.cache.freeze()
 
     def close(self) -> None:
         self._stack.close()
@@ -284,7 +289,7 @@ class Runtime:
             stats.speculations += 1
             stats.speculations_right += int(torch.equal(self._spec_guess, self.routes[pos]))
             self._spec_guess = None
-        if self.router is not None and self.options.speculate:
+        if self.router is not None and self.options.speculate and not self.all_resident:
             self._speculate(logits)
         stats.decode_tokens += 1
         stats.decode_seconds += time.perf_counter() - start
@@ -321,6 +326,9 @@ class Runtime:
         """
         cache = self.cache
         last = route[-1].tolist()
+        if self.all_resident:  # nothing to plan: every expert stays in its slot
+            return [[e] for e in last] if route.shape[0] == 1 else \
+                [torch.unique(route[:, layer]).tolist() for layer in range(route.shape[1])]
         likely_next = list(enumerate(last))
         if route.shape[0] == 1:  # decode: the path is the future, one expert per layer
             cache.lookahead.clear()

@@ -28,6 +28,7 @@ class InMemoryExperts:
     def __init__(self, folder):
         from safetensors.torch import load_file
 
+        from edge_readme import quant
         from edge_readme.quant import experts as qe
 
         m = read_manifest(folder)
@@ -37,7 +38,8 @@ class InMemoryExperts:
             t = raw[f"layers.{e.layer}.experts.{e.expert}"]
             if m.expert_format == "q4":
                 views = qe.Layout(e.rows, m.hidden_size).views(t)
-                sz = torch.empty(qe.Layout(e.rows, m.hidden_size).scale_zero_bytes // 4)
+                kdt = quant.act_dtype("q4", torch.device("cpu"))
+                sz = torch.empty(qe.Layout(e.rows, m.hidden_size).scale_zero_numel(), dtype=kdt)
                 gu, dn = qe.weights(views, qe.scale_zero_into(views, sz))
             else:
                 gu, dn = t[:2].float().reshape(-1, t.shape[2]), t[2].float().t()

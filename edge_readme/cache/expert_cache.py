@@ -76,6 +76,7 @@ class ExpertCache:
         dtype: torch.dtype = torch.float32,
         policy: str = "lru",
         form: str = "float",
+        kernel_dtype: torch.dtype = torch.float32,
     ):
         if num_slots < 1:
             raise BudgetError(
@@ -87,6 +88,7 @@ class ExpertCache:
         if form == "q4" and (manifest.expert_format != "q4" or self.device.type != "cpu"):
             raise ValueError("q4 slots hold q4 experts on the CPU only")
         self.form = form  # "q4": int4 blobs + kernel scales; "float": [3, rows, D] in dtype
+        self.kernel_dtype = kernel_dtype  # q4: the int4 kernel's scale and activation dtype
         self.policy_name = policy
         self._policy = make_policy(policy)
         self.lookahead = Lookahead()
@@ -107,6 +109,7 @@ class ExpertCache:
         self._free = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self._weights: list[ExpertWeights | None] = [None] * self.num_slots
         self._resident_bytes = 0
+        self._frozen: dict[Key, ExpertWeights] | None = None
 
     # ---- allocation (the only place that allocates) ------------------------------------------
 
@@ -115,7 +118,8 @@ class ExpertCache:
         if self.form == "q4":
             lay = qexperts.Layout(m.max_rows, m.hidden_size)
             self._sz_offset = align_up(lay.nbytes)  # kernel scales sit after the blob
-            self.slot_bytes = self._sz_offset + align_up(lay.scale_zero_bytes)
+            sz_bytes = lay.scale_zero_numel() * self.kernel_dtype.itemsize
+            self.slot_bytes = self._sz_offset + align_up(sz_bytes)
             self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
             self._slots = self._block_bytes.view(self.num_slots, self.slot_bytes)
         else:
@@ -200,13 +204,33 @@ class ExpertCache:
                     torch.cuda.current_stream(self.device)
                 )
 
+    def get(self, layer: int, expert: int) -> contextlib.AbstractContextManager[ExpertWeights]:
+        """`with cache.get(l, e) as w:` the expert, resident (and pinned) inside the block."""
+        frozen = self._frozen
+        if frozen is not None:  # every expert resident for good: no lock, pin or policy
+            self.stats.hits += 1
+            if self.trace is not None:
+                self.trace.append((self.step, layer, expert))
+            return contextlib.nullcontext(frozen[(layer, expert)])
+        return self._pinned(layer, expert)
+
     @contextlib.contextmanager
-    def get(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
+    def _pinned(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
         weights = self.acquire(layer, expert)
         try:
             yield weights
         finally:
             self.release(layer, expert)
+
+    def freeze(self) -> bool:
+        """Once every expert is resident (a slot each), serve them without bookkeeping: nothing
+        can be evicted any more. Returns whether the cache is frozen."""
+        with self._cond:
+            keys = self.manifest.keys()
+            if self._loading or any(k not in self._key_slot for k in keys):
+                return False
+            self._frozen = {k: self._weights[self._key_slot[k]] for k in keys}
+            return True
 
     # ---- the prefetcher's side ----------------------------------------------------------------
 
@@ -327,7 +351,7 @@ class ExpertCache:
         rows = self.manifest.entry(*key).rows
         if self.form == "q4":
             lay = qexperts.Layout(rows, self.manifest.hidden_size)
-            return lay.nbytes + lay.scale_zero_bytes
+            return lay.nbytes + lay.scale_zero_numel() * self.kernel_dtype.itemsize
         return 3 * rows * self.manifest.hidden_size * self.dtype.itemsize
 
     # ---- loading (no lock held during I/O) ----------------------------------------------------
@@ -361,7 +385,7 @@ class ExpertCache:
         if self.form == "q4":
             lay = qexperts.Layout(rows, hidden)
             views = lay.views(self._slots[slot, : lay.nbytes])
-            sz = self._slots[slot, self._sz_offset:].view(torch.float32)
+            sz = self._slots[slot, self._sz_offset:].view(self.kernel_dtype)
             gate_up, down = qexperts.weights(views, qexperts.scale_zero_into(views, sz))
             return ExpertWeights(gate_up=gate_up, down=down)
         w = self._slots[slot, : 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]

@@ -5,8 +5,11 @@ This package decides, per tensor and device, which form a weight takes, and coun
 exactly (the memory plan uses `planned_nbytes`, which equals the built weight's `nbytes`).
 
 - q4: int4 group-wise (32) projections, GGUF 4-bit grids kept exactly; embeddings and a tied head
-  as int8 rows. Activations float32 on the CPU (bfloat16 scales lose precision), bfloat16 on CUDA.
-- q8: int8 projections, one scale per row; CPU only.
+  as int8 rows. The residual stream, norms, attention and KV cache stay float32 on the CPU; only
+  a matmul's input and its scales are in the kernels' activation dtype: bfloat16 where the CPU's
+  kernels are fast with it (`kernels.py`: measured, not assumed), else float32. All bfloat16 on
+  CUDA.
+- q8: int8 projections, one scale per row; CPU only; activations as for q4.
 - bf16, f16, f32: plain tensors in that dtype.
 """
 
@@ -55,9 +58,19 @@ def check_device(fmt: str, device: torch.device) -> None:
 
 
 def compute_dtype(fmt: str, device: torch.device) -> torch.dtype:
+    """The dtype of the residual stream, norms, attention and KV cache."""
     if fmt in _FLOAT:
         return _FLOAT[fmt]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def act_dtype(fmt: str, device: torch.device) -> torch.dtype:
+    """The dtype quantized kernels take their input (and scales) in."""
+    if fmt in _FLOAT or device.type != "cpu":
+        return compute_dtype(fmt, device)
+    from .kernels import cpu_activation_dtype
+
+    return cpu_activation_dtype()
 
 
 def weight_form(fmt: str, shape: tuple[int, ...], role: str, device: torch.device) -> str:
@@ -75,7 +88,7 @@ def weight_form(fmt: str, shape: tuple[int, ...], role: str, device: torch.devic
 
 def planned_nbytes(fmt: str, shape: tuple[int, ...], role: str, device: torch.device) -> int:
     """Bytes `convert` will hold for a tensor of `shape`: the memory plan's count."""
-    dt = compute_dtype(fmt, device)
+    dt = act_dtype(fmt, device)
     form = weight_form(fmt, shape, role, device)
     numel = 1
     for n in shape:
@@ -90,14 +103,13 @@ def planned_nbytes(fmt: str, shape: tuple[int, ...], role: str, device: torch.de
 
 def convert(w: torch.Tensor, fmt: str, role: str, device: torch.device) -> Weight:
     """A float weight -> its held form on `device` (quantized on the CPU, then moved)."""
-    dt = compute_dtype(fmt, device)
     form = weight_form(fmt, tuple(w.shape), role, device)
     if form == "q4":
         return Q4Weight.quantize(w, torch.float32).to(device) if device.type != "cpu" \
-            else Q4Weight.quantize(w, dt)
+            else Q4Weight.quantize(w, act_dtype(fmt, device))
     if form == "q8":
-        return Q8Weight.quantize(w, dt)
-    return w.to(device=device, dtype=dt).contiguous()
+        return Q8Weight.quantize(w, act_dtype(fmt, device))
+    return w.to(device=device, dtype=compute_dtype(fmt, device)).contiguous()
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -106,9 +118,9 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return w(x)
 
 
-def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
+def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, Q8Weight):
-        return w.rows(ids)
+        return w.rows(ids).to(dtype)
     return F.embedding(ids, w)
 
 
@@ -116,6 +128,7 @@ def nbytes(w: Weight) -> int:
     return w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
 
 
-__all__ = ["Q4Weight", "Q8Weight", "WEIGHT_FORMATS", "Weight", "check_device", "compute_dtype",
+__all__ = ["Q4Weight", "Q8Weight", "WEIGHT_FORMATS", "Weight", "act_dtype", "check_device",
+           "compute_dtype",
            "convert", "default_format", "embedding", "linear", "nbytes", "parse_format",
            "planned_nbytes", "weight_form"]

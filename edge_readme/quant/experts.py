@@ -48,11 +48,11 @@ class Layout:
     def rows_of(nbytes: int, hidden: int) -> int:
         return nbytes * 8 // (15 * hidden)
 
-    @property
-    def scale_zero_bytes(self) -> int:
-        """float32 [G, N, 2] for both matrices: what a CPU slot adds beside the blob."""
+    def scale_zero_numel(self) -> int:
+        """Elements of the kernels' [G, N, 2] scales for both matrices (a CPU slot holds them
+        beside the blob, in the kernels' activation dtype)."""
         R, D = self.rows, self.hidden
-        return (D // GROUP * 2 * R + R // GROUP * D) * 2 * 4
+        return (D // GROUP * 2 * R + R // GROUP * D) * 2
 
     def views(self, blob: torch.Tensor) -> dict[str, torch.Tensor]:
         out, off = {}, 0
@@ -91,14 +91,14 @@ def encode(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 def scale_zero_into(views: dict[str, torch.Tensor], out: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expand the blob's float16 scales and mins into float32 [G, N, 2] kernel tensors that live
-    in `out` (float32, at least scale_zero_bytes / 4 elements); returns (gate_up, down)."""
+    in `out` (the kernels' dtype, scale_zero_numel() elements); returns (gate_up, down)."""
     res, off = [], 0
     for pre in ("gu", "dn"):
         s, m = views[pre + "_s"], views[pre + "_m"]  # [G, N]
         n = s.numel() * 2
         sz = out[off:off + n].view(*s.shape, 2)
         sz[..., 0].copy_(s)
-        torch.add(m.float(), s.float(), alpha=8, out=sz[..., 1])
+        sz[..., 1].copy_(m.float() + 8 * s.float())
         res.append(sz)
         off += n
     return res[0], res[1]

@@ -148,13 +148,15 @@ class Q4Weight:
                         torch.bfloat16), self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        """x [..., K] in any float dtype -> [..., N] in x's dtype (the kernel runs in the
+        scales' dtype)."""
+        x2 = x.reshape(-1, x.shape[-1]).to(self.scale_zero.dtype)
         if x2.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, GROUP, self.scale_zero)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP,
                                                            self.scale_zero)
-        return y.view(*x.shape[:-1], self.shape[0])
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
 def scale_zero(scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype,

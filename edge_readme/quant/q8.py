@@ -45,12 +45,10 @@ class Q8Weight:
         return Q8Weight(self.q.to(device), self.scale.to(device))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != self.scale.dtype:
-            x2 = x2.to(self.scale.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.scale.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
-        return y.view(*x.shape[:-1], -1)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: [T] ids -> [T, in] in the scale dtype."""
-        return self.q[ids].to(self.scale.dtype) * self.scale[ids, None]
+        """Embedding lookup: [T] ids -> [T, in] in float32."""
+        return self.q.index_select(0, ids).float() * self.scale.index_select(0, ids).float()[:, None]
