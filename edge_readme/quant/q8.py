@@ -51,4 +51,5 @@ class Q8Weight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: [T] ids -> [T, in] in float32."""
-        return self.q.index_select(0, ids).float() * self.scale.index_select(0, ids).float()[:, None]
+        scale = self.scale.index_select(0, ids).float()
+        return self.q.index_select(0, ids).float() * scale[:, None]
