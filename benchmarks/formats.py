@@ -81,6 +81,7 @@ def our_rss(model: str, weights: str, ctx: int, threads: int, ids: list[int], n:
         f"e = Engine.load({model!r}, device='cpu', weights={weights!r}, context_length={ctx},"
         f" threads={threads}, memory_budget={budget!r})\n"
         f"e.generate({ids!r}, max_tokens={n}, ignore_eos=True)\n"
+        "e.close()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=600, check=True)
