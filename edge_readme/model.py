@@ -280,7 +280,7 @@ def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str 
                 [tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), "proj"),
             (b + "attn", "wo", lambda p=p: tensors[p + "self_attn.o_proj.weight"], "proj"),
             (ffn, "w_gate_up", lambda f=gate_up_down: f()[0], "proj"),
-            (ffn, "w_down", lambda f=gate_up_down: f()[1], "proj"),
+            (ffn, "w_down", lambda f=gate_up_down: f()[1], "down"),
         ]
     return specs
 

@@ -126,14 +126,19 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
     c, item = loaded.config, dtype.itemsize
     fmt = fmt or pick_format(o, device)[0]
     dense_bytes = 2 * context_length * c.head_dim * item  # rope tables
-    for path, name, _make, role in weight_specs(c, loaded.tensors, fmt):
+    for path, name, make, role in weight_specs(c, loaded.tensors, fmt):
         shape = spec_shape(c, loaded.tensors, path, name, fmt)
         if role == "norm":
             dense_bytes += shape[0] * item
         else:
-            dense_bytes += quant.planned_nbytes(fmt, shape, role, device)
+            four = role == "down" and quant.four_bit(fmt, make(), role)
+            dense_bytes += quant.planned_nbytes(fmt, shape, role, device, four)
     dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items()
                        if n.startswith("router."))  # the router stays float32
+    if c.moe is not None:  # its rope tables and its keys/values for the context
+        r = c.moe.router
+        dense_bytes += 2 * r.max_position * (r.dim // r.num_heads) * 4
+        dense_bytes += 2 * r.num_layers * context_length * r.dim * 4
     kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * item
     chunk = min(o.prefill_chunk, context_length)
     width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
@@ -391,6 +396,7 @@ class Runtime:
         if self.router is not None:
             total += sum(p.nbytes for p in self.router.parameters())
             total += sum(b.nbytes for b in self.router.buffers())
+            total += sum(b.nbytes for b in self.router_cache.buffers())
         if self.cache is not None:
             total += self.cache.block.nbytes
         return total

@@ -29,28 +29,67 @@ def _grid_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """w: [N, G, 32] float32 -> (q uint8 0..15, scale [N, G], min [N, G]).
 
     Groups whose values lie on an evenly spaced grid of at most 16 levels (a dequantized 4-bit
-    group) get that grid back exactly; the others get the min/max fit with 15 steps."""
+    group) get that grid back exactly; the others get the min/max range, shrunk at either end
+    where that lowers the group's squared error (`_mse_fit`)."""
     lo, hi = w.amin(-1), w.amax(-1)
     span = hi - lo
-    scale = span / 15
-    best = scale.clone()
-    fitted = torch.zeros_like(span, dtype=torch.bool)
+    best = span / 15
+    fitted = span <= 0
     for steps in range(15, 0, -1):  # the widest grid first: most Q4 groups use all 16 levels
-        s = span / steps
-        todo = ~fitted & (span > 0)
-        if not todo.any():
-            break
-        sub = w[todo]
-        r = (sub - lo[todo][:, None]) / s[todo][:, None]
-        ok = ((r - r.round()).abs().amax(-1) < 1e-3)
-        idx = todo.nonzero(as_tuple=True)
-        hit = tuple(i[ok] for i in idx)
-        best[hit] = s[hit]
-        fitted[hit] = True
+        todo = ~fitted
+        if not todo.any() or (steps <= 12 and fitted.float().mean() < 0.05):
+            break  # not a 4-bit tensor: no use trying narrower grids
+        s = span[todo] / steps
+        r = (w[todo] - lo[todo][:, None]) / s[:, None]
+        ok = (r - r.round()).abs().amax(-1) < 1e-3
+        idx = tuple(i[ok] for i in todo.nonzero(as_tuple=True))
+        best[idx] = s[ok]
+        fitted[idx] = True
     scale = torch.where(span > 0, best, torch.zeros_like(best))
+    if (~fitted).any():
+        rest = (~fitted).nonzero(as_tuple=True)
+        scale[rest], lo[rest] = _mse_fit(w[rest], lo[rest], hi[rest])
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     q = ((w - lo[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
     return q, scale, lo
+
+
+def on_grid(w: torch.Tensor, rows: int = 64) -> bool:
+    """Whether a [N, K] matrix holds a 4-bit model's values (checked on its first rows): most
+    groups of 32 lie exactly on 16 evenly spaced levels."""
+    if w.dim() != 2 or w.shape[1] % GROUP:
+        return False
+    g = w[:rows].detach().float().reshape(-1, GROUP)
+    lo, span = g.amin(-1), g.amax(-1) - g.amin(-1)
+    g, lo, span = g[span > 0], lo[span > 0], span[span > 0]
+    fitted = torch.zeros_like(span, dtype=torch.bool)
+    for steps in range(15, 7, -1):  # Q4_1 groups span 15 steps; Q4_0 ones often fewer
+        r = (g - lo[:, None]) / (span / steps)[:, None]
+        fitted |= (r - r.round()).abs().amax(-1) < 1e-3
+    return bool(span.numel()) and float(fitted.float().mean()) > 0.9
+
+
+SHRINK = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2)
+
+
+def _mse_fit(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, 32], per-group range -> (scale, min) of the least squared error among ranges shrunk
+    by SHRINK at each end (outliers get clipped when that serves the other 31 values better)."""
+    span = hi - lo
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_lo = span / 15, lo.clone()
+    for a in SHRINK:
+        for b in SHRINK:
+            lo_c = lo + a * span
+            s = (span * (1 - a - b) / 15).clamp(min=1e-30)
+            q = ((w - lo_c[:, None]) / s[:, None]).round().clamp(0, 15)
+            err = ((q * s[:, None] + lo_c[:, None]) - w).pow(2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_lo = torch.where(better, lo_c, best_lo)
+    return best_s, best_lo
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
