@@ -13,7 +13,7 @@ from edge_readme.experts_format import read_manifest, write_experts
 from edge_readme.loader import load_model
 from edge_readme.quant import Q4Weight, q4
 from edge_readme.quant import experts as qe
-from edge_readme.runtime import RuntimeOptions, Runtime, dry_run_plan
+from edge_readme.runtime import Runtime, RuntimeOptions, dry_run_plan
 from tests.tiny_models import write_moe
 
 CPU = torch.device("cpu")

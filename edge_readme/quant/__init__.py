@@ -7,10 +7,10 @@ exactly (the memory plan uses `planned_nbytes`, which equals the built weight's 
 - q4: int4 group-wise (32) projections, GGUF 4-bit grids kept exactly; embeddings and a tied head
   as int8 rows; an FFN down projection that is not already 4-bit (a refit one) as int8 too: at
   4 bits the default MoE's shared down projections alone cost 10% held-out perplexity (measured:
-  25.06 against 22.84 with them in int8, 22.84 in float32). The residual stream, norms, attention and KV cache stay float32 on the CPU; only
-  a matmul's input and its scales are in the kernels' activation dtype: bfloat16 where the CPU's
-  kernels are fast with it (`kernels.py`: measured, not assumed), else float32. All bfloat16 on
-  CUDA.
+  25.06 against 22.84 with them in int8, 22.84 in float32). The residual stream, norms,
+  attention and KV cache stay float32 on the CPU; only a matmul's input and its scales are in the
+  kernels' activation dtype: bfloat16 where the CPU's kernels are fast with it (`kernels.py`:
+  measured, not assumed), else float32. All bfloat16 on CUDA.
 - q8: int8 projections, one scale per row; CPU only; activations as for q4.
 - bf16, f16, f32: plain tensors in that dtype.
 """
