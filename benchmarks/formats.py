@@ -55,17 +55,22 @@ def cpu_summary() -> dict:
     return {"model": model, "flags": [f for f in keep if f in flags], "cores": os.cpu_count()}
 
 
+# the child's own peak RSS (ru_maxrss would carry the parent's over fork + exec)
+HWM = ("print([int(x.split()[1]) * 1024 for x in open('/proc/self/status') "
+       "if x.startswith('VmHWM')][0])")
+
+
 def peer_rss(gguf: str, ctx: int, threads: int, ids: list[int], n: int) -> int:
     """llama.cpp's peak RSS (bytes) in a child process: load at `ctx`, prefill, decode n."""
     code = (
-        "import sys, numpy as np, resource\n"
+        "import numpy as np\n"
         "from llama_cpp import Llama\n"
         f"llm = Llama({gguf!r}, n_ctx={ctx}, n_threads={threads}, verbose=False)\n"
         f"ids = {ids!r}\n"
         "llm.eval(ids)\n"
         f"for _ in range({n}):\n"
         "    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+        f"{HWM}\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -75,14 +80,14 @@ def our_rss(model: str, weights: str, ctx: int, threads: int, ids: list[int], n:
             budget: str | None = None) -> int:
     """Our peak RSS (bytes) in a child process, same work as peer_rss."""
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from edge_readme import Engine\n"
         f"e = Engine.load({model!r}, device='cpu', weights={weights!r}, context_length={ctx},"
         f" threads={threads}, memory_budget={budget!r})\n"
         f"e.generate({ids!r}, max_tokens={n}, ignore_eos=True)\n"
         "e.close()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+        f"{HWM}\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=600, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -104,66 +109,56 @@ def peer_rate(llm, ids: list[int], n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-BREAKDOWN = {  # part of a decode step -> functions whose cumulative time it is
-    "router": ("router.py", "route"),
-    "speculation": ("runtime.py", "_speculate"),
-    "schedule (Belady lookahead, prefetch submit)": ("runtime.py", "_schedule"),
-    "expert cache get": ("expert_cache.py", "get"),
-    "backbone forward (incl. cache get)": ("model.py", "forward"),
-}
-
-
 def breakdown(engine, ids: list[int], n: int) -> dict[str, float]:
-    """Share of decode time per part, from cProfile's cumulative times (profiling inflates
-    Python-heavy parts; read the shares, not the absolute times)."""
-    rt = engine.runtime
+    """Share of decode time per part of the runtime, from cProfile's cumulative times
+    (profiling inflates Python-heavy parts: read the shares, not the absolute times)."""
     from edge_readme.runtime import StepStats
 
+    rt = engine.runtime
     rt.tokens = []
     st = StepStats()
-    logits = rt.prefill(ids, st)
+    tok = int(rt.prefill(ids, st).argmax())
     prof = cProfile.Profile()
-    tok = int(logits.argmax())
-    prof.enable()
     t = time.perf_counter()
+    prof.enable()
     for _ in range(n):
-        logits = rt.decode(tok, st)
-        tok = int(logits.argmax())
-    total = time.perf_counter() - t
+        tok = int(rt.decode(tok, st).argmax())
     prof.disable()
-    stats = pstats.Stats(prof).stats
-    found: dict[str, float] = {}
-    for label, (file, func) in BREAKDOWN.items():
-        cum = 0.0
-        for (fname, _line, name), (_cc, _nc, _tt, ct, callers) in stats.items():
-            if fname.endswith(file) and name == func:
-                if func == "forward" and "Transformer" not in str(callers) and \
-                        not any(c[2] == "_forward" for c in callers):
-                    continue  # only the top-level Transformer.forward
-                cum += ct
-        found[label] = cum
-    prof_total = sum(v[3] for k, v in stats.items() if k[2] == "decode")
-    out = {k: round(v / prof_total, 3) for k, v in found.items() if prof_total}
-    out["kernels+ops (forward minus cache get)"] = round(
-        (found["backbone forward (incl. cache get)"] - found["expert cache get"])
-        / prof_total, 3) if prof_total else 0.0
-    out["other (sampling, bookkeeping, Python)"] = round(
-        1 - out.get("backbone forward (incl. cache get)", 0) - out.get("router", 0)
-        - out.get("speculation", 0) - out.get("schedule (Belady lookahead, prefetch submit)", 0),
-        3)
-    out["profiled_ms_per_token"] = round(total / n * 1000, 2)
+    wall = time.perf_counter() - t
+
+    def cum(file: str, *names: str, outermost: bool = False) -> float:
+        times = [v[3] for (f, _l, name), v in pstats.Stats(prof).stats.items()
+                 if f.endswith(file) and name in names]
+        return (max(times) if outermost else sum(times)) if times else 0.0
+
+    total = cum("runtime.py", "decode") or 1e-9
+    parts = {
+        "router": cum("router.py", "route") - cum("runtime.py", "_speculate"),
+        "speculation": cum("runtime.py", "_speculate"),
+        "schedule (Belady lookahead, prefetch submit)": cum("runtime.py", "_schedule"),
+        "expert cache (get, acquire, release)": cum("expert_cache.py", "get", "acquire",
+                                                    "release"),
+    }
+    backbone = cum("model.py", "forward", outermost=True)
+    parts["backbone kernels and ops"] = backbone - parts["expert cache (get, acquire, release)"]
+    parts["other (bookkeeping, Python)"] = total - backbone - sum(
+        v for k, v in parts.items() if k in ("router", "speculation",
+                                             "schedule (Belady lookahead, prefetch submit)"))
+    out = {k: round(max(v, 0.0) / total, 3) for k, v in parts.items()}
+    out["profiled_ms_per_token"] = round(wall / n * 1000, 2)
     return out
 
 
 def perplexity(model: str, weights: str, sequences: int, seq_len: int) -> float:
     """Held-out perplexity (built-in split, `sequences` per domain) in one weight format."""
+    from edge_readme import quant
     from edge_readme.loader import load_model
     from edge_readme.model import build_transformer
     from edge_readme.refactor.corpus import by_domain, load_builtin, token_batches
     from edge_readme.refactor.evaluate import nll, open_moe, seq_logits
     from edge_readme.tokenizer import Tokenizer
 
-    lm = load_model(model)
+    lm, cpu = load_model(model), torch.device("cpu")
     tok = Tokenizer(lm.tokenizer, lm.chat_template)
     if lm.config.moe is not None:
         _, net, router, _ = open_moe(model, weights)
@@ -176,8 +171,8 @@ def perplexity(model: str, weights: str, sequences: int, seq_len: int) -> float:
         for s in token_batches(docs, tok.encode, seq_len, sequences):
             ids = torch.tensor(s)
             route = router.route(ids) if router is not None else None
-            with torch.inference_mode():
-                a, b = nll(seq_logits(net, ids, route), ids)
+            with torch.inference_mode():  # the runtime's KV cache dtype for this format
+                a, b = nll(seq_logits(net, ids, route, quant.kv_dtype(weights, cpu)), ids)
             total, count = total + a, count + b
     import math
 

@@ -73,13 +73,15 @@ class KVCache(nn.Module):
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd]. Grouped heads
-    share their keys through a view (SDPA's GQA path on the CPU copies them: 3x slower here)."""
+    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd] in q's dtype.
+    Grouped heads share their keys through a view (SDPA's GQA path on the CPU copies them: 3x
+    slower here). Products run in the cache's dtype, the softmax in float32."""
     H, _, hd = q.shape
     Hkv = keys.shape[0]
-    qg = q.view(Hkv, H // Hkv, hd)  # [Hkv, g, hd]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(hd ** -0.5)  # [Hkv, g, S]
-    return torch.bmm(torch.softmax(scores, dim=-1), values).view(H, 1, hd)
+    qg = q.view(Hkv, H // Hkv, hd).to(keys.dtype)  # [Hkv, g, hd]
+    scores = torch.bmm(qg, keys.transpose(1, 2)).float().mul_(hd ** -0.5)  # [Hkv, g, S]
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.bmm(probs, values).to(q.dtype).view(H, 1, hd)
 
 
 class Attention(nn.Module):
@@ -100,11 +102,11 @@ class Attention(nn.Module):
         cache.k[layer, :, pos:pos + T] = k
         cache.v[layer, :, pos:pos + T] = v
         keys, values = cache.k[layer, :, :pos + T], cache.v[layer, :, :pos + T]  # [Hkv, S, hd]
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if T == 1:
             out = decode_attention(q, keys, values)
         else:
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=True)
         return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)

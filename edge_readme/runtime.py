@@ -139,7 +139,8 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
         r = c.moe.router
         dense_bytes += 2 * r.max_position * (r.dim // r.num_heads) * 4
         dense_bytes += 2 * r.num_layers * context_length * r.dim * 4
-    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * item
+    kv_item = quant.kv_dtype(fmt, device).itemsize
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
     chunk = min(o.prefill_chunk, context_length)
     width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
     scratch = chunk * width * item + c.num_heads * chunk * context_length * 4  # activations
@@ -216,7 +217,8 @@ class Runtime:
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
                                        rope_length=self.context_length, weights=self.weights)
-        self.kv = KVCache(c, self.context_length, device=self.device, dtype=self.dtype)
+        self.kv = KVCache(c, self.context_length, device=self.device,
+                          dtype=quant.kv_dtype(self.weights, self.device))
         self.router = self.router_cache = self.cache = self.prefetcher = None
         self.all_resident = False
         if c.moe is not None:

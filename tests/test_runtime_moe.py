@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from edge_readme import BudgetTooSmallError, Engine, ExpertFileError
+from edge_readme import BudgetTooSmallError, Engine, ExpertFileError, quant
 from edge_readme.experts_format import read_manifest
 from edge_readme.loader import load_model
 from edge_readme.model import ExpertWeights, KVCache, build_transformer
@@ -28,7 +28,6 @@ class InMemoryExperts:
     def __init__(self, folder):
         from safetensors.torch import load_file
 
-        from edge_readme import quant
         from edge_readme.quant import experts as qe
 
         m = read_manifest(folder)
@@ -51,7 +50,10 @@ class InMemoryExperts:
 
 
 def reference_tokens(folder, prompt_ids, n, fmt):
-    """Greedy tokens from a plain forward: router per step, all experts in memory, no cache."""
+    """Greedy tokens from a plain forward: all experts in memory, no expert cache, no prefetch,
+    the router recomputed over the whole sequence each step (no incremental router state). The
+    backbone keeps its own KV cache and decodes one token at a time, as the runtime does, so the
+    same attention kernels run (a bfloat16 KV cache rounds the one-query path differently)."""
     lm = load_model(folder)
     c = lm.config
     model = build_transformer(c, lm.tensors, "cpu", torch.float32, rope_length=256, weights=fmt)
@@ -59,16 +61,18 @@ def reference_tokens(folder, prompt_ids, n, fmt):
     router = Router.from_tensors(c.moe.router, c.moe.num_experts, c.num_layers, c.moe.routing,
                                  lm.tensors)
     ids, out = list(prompt_ids), []
+    kv = KVCache(c, 256, dtype=quant.kv_dtype(fmt, torch.device("cpu")))
     with torch.inference_mode():
+        route = router.route(torch.tensor(ids))
+        logits = model(torch.tensor(ids), kv, 0, route=route)
         for _ in range(n):
-            x = torch.tensor(ids)
-            route = router.route(x)  # whole sequence, recomputed: no incremental state at all
-            logits = model(x, KVCache(c, 256), 0, route=route)
             tok = int(logits[-1].argmax())
             if tok in c.eos_token_ids:
                 break
             out.append(tok)
             ids.append(tok)
+            route = router.route(torch.tensor(ids))[-1:]  # whole sequence, recomputed
+            logits = model(torch.tensor([tok]), kv, len(ids) - 1, route=route)
     return out
 
 

@@ -66,6 +66,12 @@ def compute_dtype(fmt: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def kv_dtype(fmt: str, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: the kernels' activation dtype for q4/q8 (bfloat16 where it is fast:
+    half the bytes of the largest buffer at long contexts), else the compute dtype."""
+    return act_dtype(fmt, device)
+
+
 def act_dtype(fmt: str, device: torch.device) -> torch.dtype:
     """The dtype quantized kernels take their input (and scales) in."""
     if fmt in _FLOAT or device.type != "cpu":
@@ -140,6 +146,6 @@ def nbytes(w: Weight) -> int:
 
 
 __all__ = ["Q4Weight", "Q8Weight", "WEIGHT_FORMATS", "Weight", "act_dtype", "check_device",
-           "compute_dtype", "four_bit",
+           "compute_dtype", "four_bit", "kv_dtype",
            "convert", "default_format", "embedding", "linear", "nbytes", "parse_format",
            "planned_nbytes", "weight_form"]

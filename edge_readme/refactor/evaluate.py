@@ -64,8 +64,9 @@ def open_moe(folder: str | Path, weights: str | None = None):
 
 
 @torch.no_grad()
-def seq_logits(model: Transformer, ids: torch.Tensor, route=None) -> torch.Tensor:
-    cache = KVCache(model.c, len(ids))
+def seq_logits(model: Transformer, ids: torch.Tensor, route=None,
+               kv_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    cache = KVCache(model.c, len(ids), dtype=kv_dtype)
     return model(ids, cache, 0, route=route, all_logits=True)  # [T, V]
 
 
