@@ -1,4 +1,4 @@
-"""Dense decode and prefill speed: our engine (fp32, bf16, int8 weight-only) vs llama.cpp, one run.
+"""Dense decode and prefill speed: our engine in each weight format vs llama.cpp, one run.
 
 Same GGUF, same thread count, same prompt; repetitions are interleaved so machine noise hits every
 variant alike. Prints tokens/s and ours/llama.cpp ratios, writes JSON (--out).
@@ -23,12 +23,11 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
 
 
 def build_ours(model_path: str, variant: str, length: int, threads: int):
-    """Our engine in one of the variants: fp32, bf16, or int8 weight-only (bf16 compute)."""
+    """Our engine in one weight format: q4, q8, bf16, f16 or f32."""
     from edge_readme import Engine
 
-    kw = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"},
-          "int8": {"quantize": "int8"}}[variant]
-    return Engine.load(model_path, device="cpu", context_length=length, threads=threads, **kw)
+    return Engine.load(model_path, device="cpu", context_length=length, threads=threads,
+                       weights=variant)
 
 
 def run_ours(engine, ids: list[int], n: int) -> tuple[float, float]:
@@ -54,7 +53,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per repetition")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="fp32,bf16,int8")
+    ap.add_argument("--variants", default="f32,bf16,q8,q4")
     ap.add_argument("--out", default="dense_vs_llamacpp.json")
     a = ap.parse_args()
 
