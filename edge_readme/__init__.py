@@ -1,7 +1,11 @@
 """edge-readme: run Read-ME mixture-of-experts LLMs under a hard memory budget."""
 
-from .engine import Chunk, Engine, Result, Stream
-from .errors import (
+from .threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch loads libgomp; see threads.py
+
+from .engine import Chunk, Engine, Result, Stream  # noqa: E402
+from .errors import (  # noqa: E402
     BudgetError,
     BudgetTooSmallError,
     CancelledError,

@@ -22,6 +22,7 @@ from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
 from .model import Int8Weight, KVCache, build_transformer
+from .threads import Anchor
 
 Key = tuple[int, int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -155,6 +156,7 @@ class Runtime:
         self.config: ModelConfig = loaded.config
         if o.threads:
             torch.set_num_threads(o.threads)
+        Anchor.ensure()  # decode speed independent of the loading thread (threads.py)
         self.device = pick_device(o.device)
         if o.quantize not in (None, "int8"):
             raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
