@@ -13,6 +13,7 @@ from .errors import (  # noqa: E402
     EdgeReadmeError,
     ExpertFileError,
     ModelFormatError,
+    QueueFullError,
     RequestError,
     UnknownModelError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Engine",
     "ExpertFileError",
     "ModelFormatError",
+    "QueueFullError",
     "RequestError",
     "Result",
     "Stream",
