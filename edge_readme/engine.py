@@ -121,7 +121,8 @@ class Engine:
         self._sched = Scheduler(schedule, len(runtime.slots), runtime.options.prefill_chunk,
                                 fairness=fairness, expert_cap=expert_cap, exact=self.exact,
                                 choose_slot=runtime.best_slot)
-        self.step_log: list[tuple[int, float]] = []  # (tokens, distinct experts) of recent steps
+        # recent steps: (sequences, tokens, mean distinct experts per layer or None)
+        self.step_log: list[tuple[int, int, float | None]] = []
         c = runtime.config
         self.eos_ids = set(c.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -313,14 +314,15 @@ class Engine:
         items = sched.next_batch()
         if not items:
             return
+        distinct = None
         if rt.router is not None:  # Belady's future: the next tokens, then the queue's prompts
             chosen = {id(i.seq) for i in items}
             later = [s for s in sched.running if id(s) not in chosen] + list(sched.waiting)
-            rt._queued_future = [k for s in later for k in s.handle.future]
-            paths = [s.path[s.fed:s.fed + len(i.tokens)] if s.prefilling else s.next_path
-                     for i in items for s in (i.seq,)]
-            self.step_log.append((sum(len(i.tokens) for i in items), distinct_experts(paths)))
-            del self.step_log[:-4096]
+            rt.set_future([k for s in later for k in s.handle.future])
+            distinct = distinct_experts([s.path[s.fed:s.fed + len(i.tokens)] if s.prefilling
+                                         else s.next_path for i in items for s in (i.seq,)])
+        self.step_log.append((len(items), sum(len(i.tokens) for i in items), distinct))
+        del self.step_log[:-4096]
         work = [(i.seq.slot, i.tokens) for i in items]
 
         def check() -> None:

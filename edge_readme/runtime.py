@@ -383,6 +383,10 @@ class Runtime:
                 keys.extend((layer, e) for e in torch.unique(route[:, layer]).tolist())
         self._queued_future = keys
 
+    def set_future(self, keys: list[Key]) -> None:
+        """(layer, expert) keys of work queued behind this step, for Belady's lookahead."""
+        self._queued_future = keys
+
     def route_prompt(self, ids: Sequence[int]) -> torch.Tensor | None:
         """The router's path for a whole prompt, from scratch, with a private cache."""
         if self.router is None or not ids:
