@@ -123,6 +123,7 @@ class Engine:
                                 choose_slot=runtime.best_slot)
         # recent steps: (sequences, tokens, mean distinct experts per layer or None)
         self.step_log: list[tuple[int, int, float | None]] = []
+        self.steps_run = 0
         c = runtime.config
         self.eos_ids = set(c.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -322,6 +323,7 @@ class Engine:
             distinct = distinct_experts([s.path[s.fed:s.fed + len(i.tokens)] if s.prefilling
                                          else s.next_path for i in items for s in (i.seq,)])
         self.step_log.append((len(items), sum(len(i.tokens) for i in items), distinct))
+        self.steps_run += 1
         del self.step_log[:-4096]
         work = [(i.seq.slot, i.tokens) for i in items]
 
