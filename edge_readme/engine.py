@@ -319,7 +319,7 @@ class Engine:
         if rt.router is not None:  # Belady's future: the next tokens, then the queue's prompts
             chosen = {id(i.seq) for i in items}
             later = [s for s in sched.running if id(s) not in chosen] + list(sched.waiting)
-            rt.set_future([k for s in later for k in s.handle.future])
+            rt.set_future([k for s in later for k in _future_keys(s)])
             distinct = distinct_experts([s.path[s.fed:s.fed + len(i.tokens)] if s.prefilling
                                          else s.next_path for i in items for s in (i.seq,)])
         self.step_log.append((len(items), sum(len(i.tokens) for i in items), distinct))
@@ -445,6 +445,13 @@ class Engine:
             d["cache"] = rt.cache.stats.to_json()
             d["speculation"] = {"guesses": t.speculations, "right": t.speculations_right}
         return d
+
+
+def _future_keys(s: Seq) -> list[tuple[int, int]]:
+    """The (layer, expert) keys a sequence needs next: its next token's path, else its prompt's."""
+    if s.next_path is not None and not s.prefilling:
+        return list(enumerate(s.next_path[0].tolist()))
+    return s.handle.future
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
