@@ -10,18 +10,19 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from . import quant
 from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
 from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
-from .model import Int8Weight, KVCache, Segment, build_transformer
+from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
+from .quant import experts as qexperts
 from .threads import Anchor
 
 Key = tuple[int, int]
@@ -43,7 +44,8 @@ class RuntimeOptions:
     cold: bool = False
     threads: int | None = None
     prefill_chunk: int = 256
-    quantize: str | None = None  # "int8": weight-only int8 for resident projections (CPU)
+    weights: str | None = None  # q4, q8, bf16, f16, f32 (None: --dtype's, else per device)
+    quantize: str | None = None  # "int8": the old spelling of weights="q8"
     max_batch: int = 1  # sequence slots: each has its own KV cache, counted in the plan
 
 
@@ -78,17 +80,40 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str | None, device: torch.device, quantize: str | None = None) -> torch.dtype:
-    if name is None:
-        if device.type != "cpu":
-            return torch.float16
-        return torch.bfloat16 if quantize == "int8" else torch.float32  # int8 kernel wants bf16
-    if name not in DTYPES:
-        raise EdgeReadmeError(f"--dtype: unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return DTYPES[name]
+    return pick_format(RuntimeOptions(dtype=name, quantize=quantize), device)[1]
 
 
-# the tensors Transformer.quantize_int8 converts: projections, embedding and head
-_INT8_NAMES = re.compile(r"(proj\.weight|embed_tokens\.weight|lm_head\.weight)$")
+def pick_format(o: RuntimeOptions, device: torch.device) -> tuple[str, torch.dtype]:
+    """(weight format, activation dtype) from --weights, or the older --dtype / --quantize."""
+    if o.dtype is not None and o.dtype not in DTYPES:
+        raise EdgeReadmeError(f"--dtype: unknown dtype {o.dtype!r}; use float32, bfloat16 or "
+                              "float16")
+    if o.quantize not in (None, "int8"):
+        raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
+    if o.weights is not None:
+        fmt = quant.parse_format(o.weights)
+    elif o.quantize == "int8":
+        fmt = "q8"
+    elif o.dtype is not None:
+        fmt = quant.parse_format(o.dtype)
+    else:
+        fmt = quant.default_format(device)
+    if o.dtype is not None and (o.weights is not None or o.quantize):
+        if fmt in ("q4", "q8") or quant.parse_format(o.dtype) != fmt:
+            raise EdgeReadmeError(f"--dtype {o.dtype} conflicts with --weights {fmt}: q4 and q8 "
+                                  "pick their own activation dtype, and a float format is its "
+                                  "own dtype; pass only --weights")
+    quant.check_device(fmt, device)
+    return fmt, quant.compute_dtype(fmt, device)
+
+
+def expert_slot(manifest, fmt: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
+    """('q4' | 'float', bytes per slot): q4 experts stay 4-bit in CPU slots for the quantized
+    formats; otherwise slots hold floats in the compute dtype (q4 files are dequantized on fill)."""
+    if manifest.expert_format == "q4" and fmt in ("q4", "q8") and device.type == "cpu":
+        lay = qexperts.Layout(manifest.max_rows, manifest.hidden_size)
+        return "q4", align_up(lay.nbytes) + align_up(lay.scale_zero_bytes)
+    return "float", align_up(3 * manifest.max_rows * manifest.hidden_size * dtype.itemsize)
 
 
 def context_limit(c: ModelConfig, asked: int) -> int:
@@ -97,17 +122,19 @@ def context_limit(c: ModelConfig, asked: int) -> int:
 
 
 def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
-             dtype: torch.dtype, context_length: int) -> MemoryPlan:
+             dtype: torch.dtype, context_length: int, fmt: str | None = None) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
     c, item = loaded.config, dtype.itemsize
+    fmt = fmt or pick_format(o, device)[0]
     dense_bytes = 2 * context_length * c.head_dim * item  # rope tables
-    for name, t in loaded.tensors.items():
-        if name.startswith("router."):
-            dense_bytes += t.numel() * 4  # the router stays float32
-        elif o.quantize == "int8" and _INT8_NAMES.search(name) and Int8Weight.eligible(t.shape):
-            dense_bytes += t.numel() + t.shape[0] * item  # int8 rows + a scale per row
+    for path, name, _make, role in weight_specs(c, loaded.tensors, fmt):
+        shape = spec_shape(c, loaded.tensors, path, name, fmt)
+        if role == "norm":
+            dense_bytes += shape[0] * item
         else:
-            dense_bytes += t.numel() * item
+            dense_bytes += quant.planned_nbytes(fmt, shape, role, device)
+    dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items()
+                       if n.startswith("router."))  # the router stays float32
     kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * item
     kv_bytes *= max(1, o.max_batch)  # one KV cache per sequence slot
     chunk = min(o.prefill_chunk, context_length)
@@ -116,9 +143,10 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
     scratch += c.vocab_size * 4 * 2  # last logits, sampling
     slot_bytes, keys = 0, 0
     if manifest is not None:
-        slot_bytes = align_up(3 * manifest.max_rows * manifest.hidden_size * item)
+        form, slot_bytes = expert_slot(manifest, fmt, device, dtype)
         keys = len(manifest.entries)
-        scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
+        if form == "float" or device.type != "cpu":
+            scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
     budget = o.memory_budget
     if isinstance(budget, str):
         budget = parse_budget(budget) if budget != "auto" else None
@@ -140,12 +168,12 @@ def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
     kw = {k: v for k, v in engine_kwargs.items() if k in RuntimeOptions.__dataclass_fields__}
     o = RuntimeOptions(**kw)
     device = pick_device(o.device)
-    dtype = pick_dtype(o.dtype, device, o.quantize)
+    fmt, dtype = pick_format(o, device)
     ctx = context_limit(loaded.config, o.context_length)
     manifest = read_manifest(loaded.path) if loaded.config.moe is not None else None
-    plan = plan_for(loaded, manifest, o, device, dtype, ctx)
+    plan = plan_for(loaded, manifest, o, device, dtype, ctx, fmt)
     d = plan.to_json()
-    d.update({"model": str(loaded.path), "device": str(device),
+    d.update({"model": str(loaded.path), "device": str(device), "weights": fmt,
               "dtype": str(dtype).replace("torch.", ""), "context_length": ctx,
               "expert_keys": len(manifest.entries) if manifest else 0})
     return d
@@ -172,12 +200,7 @@ class Runtime:
             torch.set_num_threads(o.threads)
         Anchor.ensure()  # decode speed independent of the loading thread (threads.py)
         self.device = pick_device(o.device)
-        if o.quantize not in (None, "int8"):
-            raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
-        if o.quantize and self.device.type != "cpu":
-            raise EdgeReadmeError("--quantize int8 runs on the CPU only; drop it on "
-                                  f"{self.device.type}, where float16 weights are fast")
-        self.dtype = pick_dtype(o.dtype, self.device, o.quantize)
+        self.weights, self.dtype = pick_format(o, self.device)
         self.context_length = context_limit(self.config, o.context_length)
         if self.context_length < 2:
             raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
@@ -197,13 +220,11 @@ class Runtime:
         c, o = self.config, self.options
         self.manifest = read_manifest(loaded.path) if c.moe is not None else None
         self.plan = plan_for(loaded, self.manifest, o, self.device, self.dtype,
-                             self.context_length)
+                             self.context_length, self.weights)
         progress = on_progress or (lambda stage, frac: None)
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
-                                       rope_length=self.context_length)
-        if o.quantize == "int8":
-            self.model.quantize_int8()
+                                       rope_length=self.context_length, weights=self.weights)
         self.router = self.cache = self.prefetcher = None
         if c.moe is not None:
             self._build_moe(loaded, progress)
@@ -225,7 +246,8 @@ class Runtime:
         store = self._stack.enter_context(ExpertStore(m, verify=o.verify, cold=o.cold))
         self.cache = self._stack.enter_context(
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
-                        policy=o.policy))
+                        policy=o.policy,
+                        form=expert_slot(m, self.weights, self.device, self.dtype)[0]))
         self.model.attach_experts(self.cache)
         self.prefetcher = self._stack.enter_context(
             Prefetcher(self.cache, enabled=o.prefetch))
