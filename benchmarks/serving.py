@@ -286,7 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default="0.5,1.0")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--scale", type=float, default=0.25)
-    ap.add_argument("--schedules", default=",".join(POLICIES))
+    ap.add_argument("--schedules", default=",".join(POLICIES),
+                    help="comma list; 'expert-aware@N' sets an expert cap of N per layer")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--context-length", type=int, default=512)
     ap.add_argument("--streams", type=int, default=8)
@@ -296,9 +297,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default="benchmarks/out/serving")
+    ap.add_argument("--plot-only", action="store_true", help="re-plot --out/serving.json")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.plot_only:
+        plot(json.loads((out / "serving.json").read_text()), out)
+        return 0
     skip = set(filter(None, a.skip.split(",")))
     kw = {"device": "cpu", "context_length": a.context_length, "max_batch": a.max_batch}
     plan = dry_run_plan(a.model, kw)
@@ -309,12 +314,33 @@ def main(argv=None) -> int:
               "scale": a.scale, "seed": a.seed, "schedules": schedules, "runs": []}
 
     def load(budget_bytes, schedule, **extra):
-        return Engine.load(a.model, memory_budget=budget_bytes, schedule=schedule, **kw, **extra)
+        name, _, cap = schedule.partition("@")  # "expert-aware@3": an expert cap of 3
+        if cap:
+            extra["expert_cap"] = int(cap)
+        return Engine.load(a.model, memory_budget=budget_bytes, schedule=name, **kw, **extra)
+
+    def save() -> None:  # after every part, so that a cut-short run keeps what it measured
+        report["seconds"] = round(time.perf_counter() - t_all, 1)
+        tmp = out / "serving.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out / "serving.json")
 
     budgets = parse_budgets(a.budgets) if keys else []
     with Engine.load(a.model, **kw) as probe:
         tok = probe.tokenizer
     t_all = time.perf_counter()
+    prompts = [r["prompt"] for r in workload(tok, 16, 1.0, a.scale, a.seed + 1)]
+    if "throughput" not in skip:
+        with load(None, "decode-first") as e:
+            e.generate(prompts[0][:8], max_tokens=2)
+            report["throughput"] = throughput(e, prompts, a.stream_tokens, a.streams)
+        print("throughput", report["throughput"], flush=True)
+        save()
+    if "serve" not in skip:
+        with load(None, "decode-first", max_queue=4 * a.max_batch) as e:
+            report["serve"] = over_serve(e, prompts, a.clients, a.stream_tokens)
+        print("serve", report["serve"], flush=True)
+        save()
     if "replay" not in skip:
         for b in budgets or [None]:
             bb = None if b is None else fixed + b.slots(slot, keys) * slot
@@ -326,22 +352,12 @@ def main(argv=None) -> int:
                         d = replay(e, reqs, a.timeout)
                     d.update(budget=b.label if b else "dense", rate=rate, schedule=s)
                     report["runs"].append(d)
+                    save()
                     print(f"{d['budget']:>5} {rate:4} req/s {s:14} mean {d['e2e_mean_s']:.2f}s "
                           f"p95 {d['e2e_p95_s']:.2f}s ttft {d['ttft_mean_s']:.2f}s "
                           f"{d['tokens_per_s']:.1f} tok/s hit {d.get('hit_ratio')} "
                           f"experts/step {d['distinct_experts_per_step']}", flush=True)
-    prompts = [r["prompt"] for r in workload(tok, 16, 1.0, a.scale, a.seed + 1)]
-    if "throughput" not in skip:
-        with load(None, "decode-first") as e:
-            e.generate(prompts[0][:8], max_tokens=2)
-            report["throughput"] = throughput(e, prompts, a.stream_tokens, a.streams)
-        print("throughput", report["throughput"], flush=True)
-    if "serve" not in skip:
-        with load(None, "decode-first", max_queue=4 * a.max_batch) as e:
-            report["serve"] = over_serve(e, prompts, a.clients, a.stream_tokens)
-        print("serve", report["serve"], flush=True)
-    report["seconds"] = round(time.perf_counter() - t_all, 1)
-    (out / "serving.json").write_text(json.dumps(report, indent=1))
+    save()
     if report["runs"]:
         plot(report, out)
     print(f"wrote {out}/serving.json ({report['seconds']} s)")
