@@ -118,7 +118,8 @@ class Engine:
         if expert_cap is None and moe is not None:
             expert_cap = max(1, moe.num_experts // 2)
         self.max_queue, self.exact = max_queue, bool(exact)
-        self._sched = Scheduler(schedule, len(runtime.slots), runtime.options.prefill_chunk,
+        budget = max(runtime.options.prefill_chunk, len(runtime.slots))  # every decode fits
+        self._sched = Scheduler(schedule, len(runtime.slots), budget,
                                 fairness=fairness, expert_cap=expert_cap, exact=self.exact,
                                 choose_slot=runtime.best_slot)
         # recent steps: (sequences, tokens, mean distinct experts per layer or None)
@@ -432,7 +433,9 @@ class Engine:
         rt = self.runtime
         return {"model": self.name, "path": str(self.path), "device": str(rt.device),
                 "dtype": str(rt.dtype).replace("torch.", ""), "context_length": rt.context_length,
-                "moe": rt.config.moe is not None, "memory": rt.memory_report()}
+                "moe": rt.config.moe is not None, "memory": rt.memory_report(),
+                "batching": {"max_batch": len(rt.slots), "schedule": self._sched.policy,
+                             "max_queue": self.max_queue, "exact": self.exact}}
 
     def stats(self) -> dict[str, Any]:
         t, rt = self.totals, self.runtime
