@@ -340,6 +340,10 @@ class Engine:
                 logits = rt.step(work, check, speculate=len(work) == 1)
         except CancelledError:
             return  # nothing changed; the cancelled requests leave at the next step
+        except Exception as e:  # a bad expert file, say: the requests of this step fail
+            for i in items:
+                self._finish(i.seq.handle, "error", e)
+            return
         seconds = time.perf_counter() - start
         for item, lg in zip(items, logits):
             self._advance(item.seq, len(item.tokens), lg, seconds)
