@@ -287,7 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--schedules", default=",".join(POLICIES),
-                    help="comma list; 'expert-aware@N' sets an expert cap of N per layer")
+                    help="comma list; 'expert-aware@N': at most N distinct experts per layer "
+                    "per step, resident or not (plain expert-aware caps the experts to load)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--context-length", type=int, default=512)
     ap.add_argument("--streams", type=int, default=8)
@@ -314,9 +315,9 @@ def main(argv=None) -> int:
               "scale": a.scale, "seed": a.seed, "schedules": schedules, "runs": []}
 
     def load(budget_bytes, schedule, **extra):
-        name, _, cap = schedule.partition("@")  # "expert-aware@3": an expert cap of 3
+        name, _, cap = schedule.partition("@")  # "expert-aware@3": 3 distinct experts a layer
         if cap:
-            extra["expert_cap"] = int(cap)
+            extra.update(expert_cap=int(cap), cap_loads_only=False)
         return Engine.load(a.model, memory_budget=budget_bytes, schedule=name, **kw, **extra)
 
     def save() -> None:  # after every part, so that a cut-short run keeps what it measured

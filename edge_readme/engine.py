@@ -110,7 +110,7 @@ class Stream:
 class Engine:
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, path: Path, name: str,
                  schedule: str = "fcfs", max_queue: int | None = None, exact: bool = False,
-                 fairness: int = 4, expert_cap: int | None = None):
+                 fairness: int = 4, expert_cap: int | None = None, cap_loads_only: bool = True):
         self.runtime, self.tokenizer, self.path, self.name = runtime, tokenizer, path, name
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise EdgeReadmeError(f"--max-queue: expected an integer >= 0, got {max_queue!r}")
@@ -119,9 +119,12 @@ class Engine:
             expert_cap = max(1, moe.num_experts // 2)
         self.max_queue, self.exact = max_queue, bool(exact)
         budget = max(runtime.options.prefill_chunk, len(runtime.slots))  # every decode fits
+        # the expert cap counts only experts to load, when the cache cannot hold them all
+        resident = (runtime.cache.contains if runtime.cache is not None and cap_loads_only
+                    else None)
         self._sched = Scheduler(schedule, len(runtime.slots), budget,
                                 fairness=fairness, expert_cap=expert_cap, exact=self.exact,
-                                choose_slot=runtime.best_slot)
+                                choose_slot=runtime.best_slot, resident=resident)
         # recent steps: (sequences, tokens, mean distinct experts per layer or None)
         self.step_log: list[tuple[int, int, float | None]] = []
         self.steps_run = 0
@@ -158,7 +161,7 @@ class Engine:
         """
         progress = on_progress or (lambda stage, frac: None)
         batching = {k: options.pop(k) for k in ("schedule", "max_queue", "exact", "fairness",
-                                                "expert_cap") if k in options}
+                                                "expert_cap", "cap_loads_only") if k in options}
         if batching.get("schedule") is not None:
             from .scheduler import POLICIES
 

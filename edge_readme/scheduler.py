@@ -12,9 +12,11 @@ Policies (the comparison points of Read-ME's serving study, behind `--schedule`)
 - expert-aware (Read-ME): the pre-gating router has already given the expert path of every
   queued token (prompt chunks, and each running sequence's next token), so the step is chosen to
   bound the distinct experts per layer at `expert_cap`: work whose experts are already in the step
-  joins first; work that would push a layer past the cap waits. Fairness bound: a running
-  sequence with work is left out of at most `fairness` consecutive steps (then it is forced in,
-  cap or not), so every running sequence advances at least once every fairness + 1 steps.
+  joins first; work that would push a layer past the cap waits. With `resident` given (an expert
+  cache that cannot hold every expert), the cap counts only experts that would have to be
+  loaded: a resident expert costs the step no load. Fairness bound: a running sequence with work
+  is left out of at most `fairness` consecutive steps (then it is forced in, cap or not), so every
+  running sequence advances at least once every fairness + 1 steps.
 
 The scheduler knows token ids and expert paths, never logits, sampling, text or HTTP.
 """
@@ -76,6 +78,7 @@ class Scheduler:
     fairness: int = 4
     expert_cap: int | None = None  # distinct experts per layer per step (expert-aware)
     exact: bool = False  # each item is its own forward pass: chunks as a request run alone
+    resident: Callable[[tuple[int, int]], bool] | None = None  # (layer, expert) held in memory
     choose_slot: Callable[[list[int], list[int]], int] = lambda ids, free: free[0]
     waiting: collections.deque = field(default_factory=collections.deque)
     running: list[Seq] = field(default_factory=list)
@@ -163,7 +166,7 @@ class Scheduler:
         def add(s: Seq, toks: list[int], path: torch.Tensor) -> None:
             nonlocal budget
             for layer in range(layers):
-                used[layer].update(path[:, layer].tolist())
+                used[layer].update(self._counted(layer, path[:, layer].tolist()))
             items.append(Item(s, toks))
             budget -= 0 if self.exact else len(toks)
 
@@ -173,11 +176,13 @@ class Scheduler:
                 add(s, *s.work(budget))
         rest = [s for s in ready if s.waited < self.fairness]
         while budget > 0 and rest:
-            # the work that adds the fewest new experts; decodes before prompts, then arrival
-            def cost(s: Seq) -> tuple[int, bool]:
+            # the work that adds the fewest new experts; decodes before prompts; then the
+            # longest waiting, then arrival
+            def cost(s: Seq) -> tuple[int, bool, int]:
                 _, path = s.work(budget)
-                new = sum(len(set(path[:, i].tolist()) - used[i]) for i in range(layers))
-                return new, s.prefilling
+                new = sum(len(self._counted(i, path[:, i].tolist()) - used[i])
+                          for i in range(layers))
+                return new, s.prefilling, -s.waited
             s = min(rest, key=cost)
             rest.remove(s)
             toks, path = s.work(budget)
@@ -189,12 +194,19 @@ class Scheduler:
             add(s, toks[:max(n, 1)], path[:max(n, 1)])
         return items
 
-    @staticmethod
-    def _fits(path: torch.Tensor, used: list[set[int]], cap: int) -> int:
-        """How many leading tokens of `path` keep every layer within `cap` distinct experts."""
+    def _counted(self, layer: int, experts: list[int]) -> set[int]:
+        """The experts that count against the cap: all, or only those not resident."""
+        if self.resident is None:
+            return set(experts)
+        return {e for e in experts if not self.resident((layer, e))}
+
+    def _fits(self, path: torch.Tensor, used: list[set[int]], cap: int) -> int:
+        """How many leading tokens of `path` keep every layer within `cap` counted experts."""
         seen = [set(u) for u in used]
         for t, row in enumerate(path.tolist()):
             for layer, e in enumerate(row):
+                if e in seen[layer] or not self._counted(layer, [e]):
+                    continue
                 seen[layer].add(e)
                 if len(seen[layer]) > cap:
                     return t
