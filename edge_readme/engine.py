@@ -279,7 +279,10 @@ class Engine:
                     for s in list(sched.running) + list(sched.waiting):
                         self._finish(s.handle, "cancelled")
                     return
-                self._begin(req)
+                try:
+                    self._begin(req)
+                except Exception as e:  # delivered to the caller; the engine stays usable
+                    self._finish(req, "error", e)
                 block = False
             try:
                 self._step()
