@@ -334,24 +334,28 @@ class Engine:
         del self.step_log[:-4096]
         work = [(i.seq.slot, i.tokens) for i in items]
 
-        def check() -> None:
-            if any(i.seq.handle.cancelled.is_set() for i in items):
-                raise CancelledError("cancelled")
+        def check_for(reqs: list[_Request]) -> Callable[[], None]:
+            def check() -> None:
+                if any(r.cancelled.is_set() for r in reqs):
+                    raise CancelledError("cancelled")
+            return check
 
-        start = time.perf_counter()
+        start, done = time.perf_counter(), []
         try:
-            if self.exact and len(work) > 1:
-                logits = [rt.step([w], check)[0] for w in work]
+            if self.exact and len(work) > 1:  # one pass per request: its chunks as if alone
+                for i, w in zip(items, work):
+                    done.append(rt.step([w], check_for([i.seq.handle]))[0])
             else:
-                logits = rt.step(work, check, speculate=len(work) == 1)
+                done = rt.step(work, check_for([i.seq.handle for i in items]),
+                               speculate=len(work) == 1)
         except CancelledError:
-            return  # nothing changed; the cancelled requests leave at the next step
-        except Exception as e:  # a bad expert file, say: the requests of this step fail
-            for i in items:
+            pass  # the cancelled requests leave at the next step; passes already run count
+        except Exception as e:  # a bad expert file, say: the requests of the failed pass fail
+            failed = items[len(done):len(done) + 1] if self.exact else items
+            for i in failed:
                 self._finish(i.seq.handle, "error", e)
-            return
         seconds = time.perf_counter() - start
-        for item, lg in zip(items, logits):
+        for item, lg in zip(items, done):
             self._advance(item.seq, len(item.tokens), lg, seconds)
 
     def _advance(self, s: Seq, n: int, logits, seconds: float) -> None:

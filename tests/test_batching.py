@@ -68,6 +68,20 @@ def test_expert_aware_touches_fewer_experts_per_step_than_fcfs(tmp_path):
     assert mean["expert-aware"] < mean["fcfs"]
 
 
+def test_a_cancel_mid_batch_leaves_the_others_exact(model, solo):
+    for exact in (False, True):
+        with Engine.load(str(model), device="cpu", context_length=128, max_batch=3,
+                         exact=exact) as e:
+            doomed = e.stream("go on and on", max_tokens=100, ignore_eos=True)
+            streams = {p: e.stream(p, max_tokens=12) for p in PROMPTS[:3]}
+            for n, _ in enumerate(doomed):
+                if n == 3:
+                    doomed.cancel()
+            assert doomed.result.finish_reason == "cancelled"
+            assert {p: s.collect().token_ids for p, s in streams.items()} == {
+                p: solo[p] for p in PROMPTS[:3]}
+
+
 # ---------------------------------------------------------------- the scheduler on its own
 
 
