@@ -248,6 +248,34 @@ def over_serve(engine: Engine, prompts: list[list[int]], clients: int, n_tokens:
     return out
 
 
+def table(report: dict) -> str:
+    """The runs as a Markdown table, and the goal checks against the best baseline."""
+    rows = ["| budget | req/s | schedule | mean s | p50 s | p95 s | TTFT s | tok/s | hit | "
+            "experts/layer/step | seqs/step |", "|" + "---|" * 11]
+    f = "{:.2f}".format
+    for r in report["runs"]:
+        hit = "-" if r.get("hit_ratio") is None else f(r["hit_ratio"])
+        ex = r.get("distinct_experts_per_step")
+        rows.append(f"| {r['budget']} | {r['rate']} | {r['schedule']} | {f(r['e2e_mean_s'])} | "
+                    f"{f(r['e2e_p50_s'])} | {f(r['e2e_p95_s'])} | {f(r['ttft_mean_s'])} | "
+                    f"{r['tokens_per_s']} | {hit} | {'-' if ex is None else f(ex)} | "
+                    f"{f(r['mean_sequences_per_step'] or 0)} |")
+    base = ("fcfs", "decode-first", "prefill-first")
+    for key in sorted({(r["budget"], r["rate"]) for r in report["runs"]}):
+        cell = {r["schedule"]: r for r in report["runs"] if (r["budget"], r["rate"]) == key}
+        best = [cell[b] for b in base if b in cell]
+        for s in (x for x in cell if x.startswith("expert-aware")):
+            if not best:
+                break
+            mean = min(b["e2e_mean_s"] for b in best)
+            p95 = min(b["e2e_p95_s"] for b in best)
+            rows.append(f"\n{s} at {key[0]}, {key[1]} req/s: mean "
+                        f"{100 * (1 - cell[s]['e2e_mean_s'] / mean):+.1f}% lower, p95 "
+                        f"{100 * (1 - cell[s]['e2e_p95_s'] / p95):+.1f}% lower than the best "
+                        "baseline")
+    return "\n".join(rows)
+
+
 def plot(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -303,7 +331,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.plot_only:
-        plot(json.loads((out / "serving.json").read_text()), out)
+        report = json.loads((out / "serving.json").read_text())
+        plot(report, out)
+        print(table(report))
         return 0
     skip = set(filter(None, a.skip.split(",")))
     kw = {"device": "cpu", "context_length": a.context_length, "max_batch": a.max_batch}
@@ -361,6 +391,7 @@ def main(argv=None) -> int:
     save()
     if report["runs"]:
         plot(report, out)
+        print(table(report))
     print(f"wrote {out}/serving.json ({report['seconds']} s)")
     return 0
 
