@@ -112,17 +112,15 @@ def peer_rate(llm, ids: list[int], n: int) -> float:
 def breakdown(engine, ids: list[int], n: int) -> dict[str, float]:
     """Share of decode time per part of the runtime, from cProfile's cumulative times
     (profiling inflates Python-heavy parts: read the shares, not the absolute times)."""
-    from edge_readme.runtime import StepStats
-
     rt = engine.runtime
-    rt.tokens = []
-    st = StepStats()
-    tok = int(rt.prefill(ids, st).argmax())
+    rt.reset()
+    rt.assign(0, ids)
+    tok = int(rt.step([(0, ids)])[-1].argmax())
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
     for _ in range(n):
-        tok = int(rt.decode(tok, st).argmax())
+        tok = int(rt.step([(0, [tok])], speculate=True)[-1].argmax())
     prof.disable()
     wall = time.perf_counter() - t
 
@@ -131,7 +129,7 @@ def breakdown(engine, ids: list[int], n: int) -> dict[str, float]:
                  if f.endswith(file) and name in names]
         return (max(times) if outermost else sum(times)) if times else 0.0
 
-    total = cum("runtime.py", "decode") or 1e-9
+    total = cum("runtime.py", "step") or 1e-9
     parts = {
         "router": cum("router.py", "route") - cum("runtime.py", "_speculate"),
         "speculation": cum("runtime.py", "_speculate"),

@@ -1,16 +1,11 @@
 """edge-readme: run Read-ME mixture-of-experts LLMs under a hard memory budget."""
 
-import os as _os
-import sys as _sys
+from .threads import prefer_passive_wait
 
-if "torch" not in _sys.modules:
-    # OpenMP threads that spin while they wait cost a 10x slower decode on a busy 2-core
-    # machine (measured: q8 SmolLM2 2.4 -> 23.9 tok/s); they must sleep. libgomp reads this once,
-    # when torch loads it, so it is set before the first torch import. OMP_WAIT_POLICY wins.
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+prefer_passive_wait()  # before torch loads libgomp; see threads.py
 
-from .engine import Chunk, Engine, Result, Stream
-from .errors import (
+from .engine import Chunk, Engine, Result, Stream  # noqa: E402
+from .errors import (  # noqa: E402
     BudgetError,
     BudgetTooSmallError,
     CancelledError,
@@ -18,6 +13,7 @@ from .errors import (
     EdgeReadmeError,
     ExpertFileError,
     ModelFormatError,
+    QueueFullError,
     RequestError,
     UnknownModelError,
 )
@@ -33,6 +29,7 @@ __all__ = [
     "Engine",
     "ExpertFileError",
     "ModelFormatError",
+    "QueueFullError",
     "RequestError",
     "Result",
     "Stream",

@@ -1,8 +1,11 @@
 """The public Python API: `Engine.load(...)`, `generate`, `stream`, `chat`, `close`.
 
-One worker thread owns the runtime and serves requests in arrival order, so the engine is safe to
-call from many threads: requests queue and never interleave. A request is cancelled within one
-token, or within one layer while its prompt is being read. The engine knows nothing about HTTP.
+One worker thread owns the runtime, so the engine is safe to call from many threads. Requests in
+flight are batched continuously: each step the scheduler (`scheduler.py`) picks decode tokens and
+prompt chunks of up to `max_batch` sequences, the runtime runs one forward pass over them, and the
+worker samples each request's next token with its own sampler. Past `max_queue` waiting requests,
+`stream` raises `QueueFullError`. A request is cancelled within one step, or within one layer
+while its prompt is being read. The engine knows nothing about HTTP.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import CancelledError, EdgeReadmeError, RequestError
+import torch
+
+from .errors import CancelledError, EdgeReadmeError, QueueFullError, RequestError
 from .loader import load_model
 from .registry import resolve
 from .runtime import Runtime, RuntimeOptions, StepStats
 from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler, Seq, distinct_experts
 from .tokenizer import StreamDecoder, Tokenizer
 
 Progress = Callable[[str, float], None]
@@ -52,7 +58,19 @@ class _Request:
     ignore_eos: bool = False
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    route: Any = None  # router path of the prompt, for Belady's view of queued work
+    # worker-side state while the request runs
+    seq: Any = None
+    sampler: Any = None
+    decoder: Any = None
+    text: str = ""
+    sent: int = 0  # text[:sent] is delivered
+    out_ids: list[int] = field(default_factory=list)
+    stats: StepStats = field(default_factory=StepStats)
+    t0: float = 0.0
+    ttft: float = 0.0
+    cache_before: dict | None = None
+    spec_before: tuple[int, int] = (0, 0)
+    future: list = field(default_factory=list)  # (layer, expert) keys of the prompt
 
 
 class Stream:
@@ -90,8 +108,26 @@ class Stream:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, path: Path, name: str):
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, path: Path, name: str,
+                 schedule: str = "fcfs", max_queue: int | None = None, exact: bool = False,
+                 fairness: int = 4, expert_cap: int | None = None, cap_loads_only: bool = True):
         self.runtime, self.tokenizer, self.path, self.name = runtime, tokenizer, path, name
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
+            raise EdgeReadmeError(f"--max-queue: expected an integer >= 0, got {max_queue!r}")
+        moe = runtime.config.moe
+        if expert_cap is None and moe is not None:
+            expert_cap = max(1, moe.num_experts // 2)
+        self.max_queue, self.exact = max_queue, bool(exact)
+        budget = max(runtime.options.prefill_chunk, len(runtime.slots))  # every decode fits
+        # the expert cap counts only experts to load, when the cache cannot hold them all
+        resident = (runtime.cache.contains if runtime.cache is not None and cap_loads_only
+                    else None)
+        self._sched = Scheduler(schedule, len(runtime.slots), budget,
+                                fairness=fairness, expert_cap=expert_cap, exact=self.exact,
+                                choose_slot=runtime.best_slot, resident=resident)
+        # recent steps: (sequences, tokens, mean distinct experts per layer or None)
+        self.step_log: list[tuple[int, int, float | None]] = []
+        self.steps_run = 0
         c = runtime.config
         self.eos_ids = set(c.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -117,8 +153,21 @@ class Engine:
              device: str = "auto", dtype: str | None = None, policy: str = "belady",
              context_length: int = 2048, on_progress: Progress | None = None,
              **options: Any) -> "Engine":
-        """Load a registry name, a `.gguf` file or a model folder under a memory budget."""
+        """Load a registry name, a `.gguf` file or a model folder under a memory budget.
+
+        Batching: `max_batch` sequence slots (each a KV cache in the memory plan), `schedule`
+        one of fcfs, decode-first, prefill-first, expert-aware, `max_queue` waiting requests
+        before `stream` refuses, `exact` one forward pass per request (tokens exactly as alone).
+        """
         progress = on_progress or (lambda stage, frac: None)
+        batching = {k: options.pop(k) for k in ("schedule", "max_queue", "exact", "fairness",
+                                                "expert_cap", "cap_loads_only") if k in options}
+        if batching.get("schedule") is not None:
+            from .scheduler import POLICIES
+
+            if batching["schedule"] not in POLICIES:
+                raise EdgeReadmeError(f"--schedule: unknown {batching['schedule']!r}; use one "
+                                      "of " + ", ".join(POLICIES))
         path = resolve(model, progress=progress)
         progress("read", 0.0)
         loaded = load_model(path)
@@ -130,7 +179,12 @@ class Engine:
 
         make_policy(policy)  # refuse an unknown policy before loading weights
         runtime = Runtime(loaded, opts, on_progress=progress)
-        return cls(runtime, tokenizer, path, str(model))
+        try:
+            return cls(runtime, tokenizer, path, str(model),
+                       **{k: v for k, v in batching.items() if v is not None})
+        except BaseException:
+            runtime.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -166,9 +220,18 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EdgeReadmeError("the engine is closed")
+            waiting = len(self._pending)
+            if self.max_queue is not None and waiting >= self.max_queue + self._free_slots():
+                raise QueueFullError(
+                    f"{waiting} requests are already waiting for one of "
+                    f"{len(self.runtime.slots)} sequence slots (--max-queue {self.max_queue}); "
+                    "retry later", retry_after=1 + waiting // len(self.runtime.slots))
             self._pending.append(req)
             self._queue.put(req)
         return Stream(req)
+
+    def _free_slots(self) -> int:
+        return len(self.runtime.slots) - len(self._sched.running)
 
     def reset(self) -> None:
         """Forget the cached sequence: the next request prefills its whole prompt."""
@@ -204,69 +267,150 @@ class Engine:
     # ------------------------------------------------------------------ the worker
 
     def _serve(self) -> None:
+        sched = self._sched
         while True:
-            req = self._queue.get()
-            if req is None:
-                return
+            block = not sched.busy()
+            while True:  # take every new request; wait only when there is nothing to run
+                try:
+                    req = self._queue.get(block=block)
+                except queue.Empty:
+                    break
+                if req is None:
+                    for s in list(sched.running) + list(sched.waiting):
+                        self._finish(s.handle, "cancelled")
+                    return
+                try:
+                    self._begin(req)
+                except Exception as e:  # delivered to the caller; the engine stays usable
+                    self._finish(req, "error", e)
+                block = False
+            try:
+                self._step()
+            except BaseException as e:  # delivered to the requests; the engine stays usable
+                err = e if isinstance(e, Exception) else EdgeReadmeError(str(e))
+                for s in list(sched.running):
+                    self._finish(s.handle, "error", err)
+
+    def _begin(self, req: _Request) -> None:
+        rt = self.runtime
+        req.sampler, req.decoder = Sampler(req.params), StreamDecoder(self.tokenizer)
+        req.t0 = time.perf_counter()
+        path = rt.route_prompt(req.ids) if rt.router is not None else None
+        if path is not None:
+            req.future = list(dict.fromkeys(
+                (layer, e) for layer in range(path.shape[1])
+                for e in torch.unique(path[:, layer]).tolist()))
+        req.seq = Seq(req.ids, handle=req, path=path)
+        self._sched.add(req.seq)
+
+    def _step(self) -> None:
+        rt, sched = self.runtime, self._sched
+        for s in list(sched.running) + list(sched.waiting):
+            if s.handle.cancelled.is_set():
+                self._finish(s.handle, "cancelled")
+        if self._reset and not sched.running:
+            rt.reset()
+            self._reset = False
+        for s in sched.admit():
+            req = s.handle
             with self._lock:
                 self._pending.remove(req)
-                queued = list(self._pending)
-            try:
-                self._plan_queued(queued)
-                self._run(req)
-            except BaseException as e:  # delivered to the caller; the engine stays usable
-                req.out.put(e if isinstance(e, Exception) else EdgeReadmeError(str(e)))
-
-    def _plan_queued(self, queued: list[_Request]) -> None:
-        rt = self.runtime
-        if rt.router is None:
+            s.fed = req.stats.reused_tokens = rt.assign(s.slot, s.prompt)
+            req.cache_before = rt.cache.stats.to_json() if rt.cache is not None else None
+            sl = rt.slots[s.slot]
+            req.spec_before = (sl.speculations, sl.speculations_right)
+        items = sched.next_batch()
+        if not items:
             return
-        for r in queued:
-            if r.route is None:
-                r.route = rt.route_prompt(r.ids)
-        rt.set_queued([r.route for r in queued if r.route is not None])
+        distinct = None
+        if rt.router is not None:  # Belady's future: the next tokens, then the queue's prompts
+            chosen = {id(i.seq) for i in items}
+            later = [s for s in sched.running if id(s) not in chosen] + list(sched.waiting)
+            rt.set_future([k for s in later for k in _future_keys(s)])
+            distinct = distinct_experts([s.path[s.fed:s.fed + len(i.tokens)] if s.prefilling
+                                         else s.next_path for i in items for s in (i.seq,)])
+        self.step_log.append((len(items), sum(len(i.tokens) for i in items), distinct))
+        self.steps_run += 1
+        del self.step_log[:-4096]
+        work = [(i.seq.slot, i.tokens) for i in items]
 
-    def _run(self, req: _Request) -> None:
-        rt, stats = self.runtime, StepStats()
-        if self._reset:
-            rt.tokens, self._reset = [], False
-        cache_before = rt.cache.stats.to_json() if rt.cache is not None else None
-        sampler, decoder = Sampler(req.params), StreamDecoder(self.tokenizer)
-        text, sent, out_ids, reason = "", 0, [], "length"  # text[:sent] is delivered
-        t0 = ttft = time.perf_counter()
+        def check_for(reqs: list[_Request]) -> Callable[[], None]:
+            def check() -> None:
+                if any(r.cancelled.is_set() for r in reqs):
+                    raise CancelledError("cancelled")
+            return check
 
-        def check() -> None:
-            if req.cancelled.is_set():
-                raise CancelledError("cancelled")
-
+        start, done = time.perf_counter(), []
         try:
-            logits = rt.prefill(req.ids, stats, check)
-            ttft = time.perf_counter() - t0
-            while True:
-                token = sampler(logits)
-                if token in self.eos_ids and not req.ignore_eos:
-                    reason = "stop"
-                    break
-                out_ids.append(token)
-                text += decoder.push(token)
-                cut = _stop_at(text, req.stop)
-                if cut is not None:
-                    text, reason = text[:cut], "stop"
-                    break
-                safe = len(text) - _held_back(text, req.stop)
-                req.out.put(Chunk(text[sent:safe], token))
-                sent = safe
-                if len(out_ids) >= req.max_tokens or req.cancelled.is_set():
-                    reason = "cancelled" if req.cancelled.is_set() else "length"
-                    break
-                logits = rt.decode(token, stats)
+            if self.exact and len(work) > 1:  # one pass per request: its chunks as if alone
+                for i, w in zip(items, work):
+                    done.append(rt.step([w], check_for([i.seq.handle]))[0])
+            else:
+                done = rt.step(work, check_for([i.seq.handle for i in items]),
+                               speculate=len(work) == 1)
         except CancelledError:
-            reason = "cancelled"
-        if reason != "stop":
-            text += decoder.flush()
-        tail = text[sent:]
-        report = self._report(stats, cache_before, len(req.ids), len(out_ids), ttft)
-        req.out.put(Chunk(tail, None, reason, report))
+            pass  # the cancelled requests leave at the next step; passes already run count
+        except Exception as e:  # a bad expert file, say: the requests of the failed pass fail
+            failed = items[len(done):len(done) + 1] if self.exact else items
+            for i in failed:
+                self._finish(i.seq.handle, "error", e)
+        seconds = time.perf_counter() - start
+        for item, lg in zip(items, done):
+            self._advance(item.seq, len(item.tokens), lg, seconds)
+
+    def _advance(self, s: Seq, n: int, logits, seconds: float) -> None:
+        """Account for the n tokens just fed for `s`; sample and deliver its next token."""
+        req, st = s.handle, s.handle.stats
+        if s.prefilling:
+            s.fed += n
+            st.prefill_tokens += n
+            st.prefill_seconds += seconds
+            if s.prefilling:
+                return
+            req.ttft = time.perf_counter() - req.t0
+        else:
+            s.next_token = s.next_path = None
+            st.decode_tokens += 1
+            st.decode_seconds += seconds
+        token = req.sampler(logits)
+        if token in self.eos_ids and not req.ignore_eos:
+            return self._finish(req, "stop")
+        req.out_ids.append(token)
+        req.text += req.decoder.push(token)
+        cut = _stop_at(req.text, req.stop)
+        if cut is not None:
+            req.text = req.text[:cut]
+            return self._finish(req, "stop")
+        safe = len(req.text) - _held_back(req.text, req.stop)
+        req.out.put(Chunk(req.text[req.sent:safe], token))
+        req.sent = safe
+        if len(req.out_ids) >= req.max_tokens:
+            return self._finish(req, "length")
+        s.next_token = token
+        s.next_path = self.runtime.preroute(s.slot, [token])  # the scheduler sees its path
+
+    def _finish(self, req: _Request, reason: str, error: Exception | None = None) -> None:
+        s, rt = req.seq, self.runtime
+        slot = s.slot if s is not None else None
+        if s is not None:
+            self._sched.remove(s)
+        with self._lock:
+            if req in self._pending:
+                self._pending.remove(req)
+        if error is not None:
+            req.out.put(error)
+            return
+        if reason != "stop" and req.decoder is not None:
+            req.text += req.decoder.flush()
+        if slot is not None:
+            sl = rt.slots[slot]
+            req.stats.speculations = sl.speculations - req.spec_before[0]
+            req.stats.speculations_right = sl.speculations_right - req.spec_before[1]
+        if not req.ttft:
+            req.ttft = time.perf_counter() - req.t0
+        report = self._report(req.stats, req.cache_before, len(req.ids), len(req.out_ids),
+                              req.ttft)
+        req.out.put(Chunk(req.text[req.sent:], None, reason, report))
 
     def _report(self, s: StepStats, cache_before: dict | None, n_prompt: int, n_out: int,
                 ttft: float) -> dict:
@@ -303,7 +447,9 @@ class Engine:
         rt = self.runtime
         return {"model": self.name, "path": str(self.path), "device": str(rt.device),
                 "dtype": str(rt.dtype).replace("torch.", ""), "context_length": rt.context_length,
-                "moe": rt.config.moe is not None, "memory": rt.memory_report()}
+                "moe": rt.config.moe is not None, "memory": rt.memory_report(),
+                "batching": {"max_batch": len(rt.slots), "schedule": self._sched.policy,
+                             "max_queue": self.max_queue, "exact": self.exact}}
 
     def stats(self) -> dict[str, Any]:
         t, rt = self.totals, self.runtime
@@ -316,6 +462,13 @@ class Engine:
             d["cache"] = rt.cache.stats.to_json()
             d["speculation"] = {"guesses": t.speculations, "right": t.speculations_right}
         return d
+
+
+def _future_keys(s: Seq) -> list[tuple[int, int]]:
+    """The (layer, expert) keys a sequence needs next: its next token's path, else its prompt's."""
+    if s.next_path is not None and not s.prefilling:
+        return list(enumerate(s.next_path[0].tolist()))
+    return s.handle.future
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:

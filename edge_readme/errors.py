@@ -50,6 +50,14 @@ class CancelledError(EdgeReadmeError):
     """A request was cancelled by its caller (stream.cancel(), Ctrl-C, a client disconnect)."""
 
 
+class QueueFullError(EdgeReadmeError):
+    """Too many requests wait for a sequence slot; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RequestError(EdgeReadmeError):
     """A request field of the wrong type or out of its limits (prompt too long, bad max_tokens)."""
 

@@ -84,6 +84,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
     return torch.bmm(probs, values).to(q.dtype).view(H, 1, hd)
 
 
+@dataclass
+class Segment:
+    """One sequence's rows in a ragged batch: rows start..start+length-1 at positions pos.."""
+
+    cache: KVCache
+    pos: int
+    start: int
+    length: int
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -92,24 +102,33 @@ class Attention(nn.Module):
                                  requires_grad=False)
         self.wo = nn.Parameter(torch.empty(c.hidden_size, c.q_dim), requires_grad=False)
 
-    def forward(self, x, layer: int, cache: KVCache, pos: int, cos, sin, mask):
+    def forward(self, x, layer: int, cache: KVCache | list[Segment], pos: int, cos, sin, mask):
         c, T = self.c, x.shape[0]
         qkv = linear(x, self.wqkv)  # [T, q + 2kv]
         q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
         q = apply_rope(q.view(T, c.num_heads, c.head_dim).transpose(0, 1), cos, sin)  # [H, T, hd]
         k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1), cos, sin)
         v = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        if isinstance(cache, KVCache):
+            out = self.attend(cache, layer, pos, q, k, v, mask)
+        else:  # ragged batch: projections ran once over all rows, attention per sequence
+            out = torch.cat([self.attend(s.cache, layer, s.pos, *(t[:, s.start:s.start + s.length]
+                                                                  for t in (q, k, v)),
+                                         causal_mask(s.pos, s.length, x.device))
+                             for s in cache], dim=1)  # [H, T, hd]
+        return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
+
+    @staticmethod
+    def attend(cache: KVCache, layer: int, pos: int, q, k, v, mask) -> torch.Tensor:
+        T = q.shape[1]
         cache.k[layer, :, pos:pos + T] = k
         cache.v[layer, :, pos:pos + T] = v
         keys, values = cache.k[layer, :, :pos + T], cache.v[layer, :, :pos + T]  # [Hkv, S, hd]
         if T == 1:
-            out = decode_attention(q, keys, values)
-        else:
-            if keys.dtype != q.dtype:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                 enable_gqa=True)
-        return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
+            return decode_attention(q, keys, values)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class DenseFFN(nn.Module):
@@ -209,23 +228,29 @@ class Transformer(nn.Module):
             if isinstance(block.ffn, MoEFFN):
                 block.ffn.experts = provider
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, pos: int,
+    def forward(self, tokens: torch.Tensor, cache: KVCache | list[Segment], pos: int,
                 route: torch.Tensor | None = None, order: list[list[int]] | None = None,
                 hook: ActivationHook | None = None, all_logits: bool = False,
                 after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """tokens: [T] at positions pos..pos+T-1. route: [T, L] expert per token per layer (MoE).
-        order: per layer, the order in which to run expert groups. Returns logits [T or 1, V]."""
+        order: per layer, the order in which to run expert groups. Returns logits [T or 1, V].
+        With a list of Segments (ragged batch, pos unused): logits of each segment's last row."""
         T = tokens.shape[0]
         x = embedding(tokens, self.embed, self.norm.dtype)  # [T, D]
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        mask = causal_mask(pos, T, x.device)
+        if isinstance(cache, KVCache):
+            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+            mask, last = causal_mask(pos, T, x.device), [T - 1]
+        else:  # ragged batch (list of Segment): each sequence at its own positions
+            at = torch.cat([torch.arange(s.pos, s.pos + s.length) for s in cache]).to(x.device)
+            cos, sin, mask = self.cos[at], self.sin[at], None  # [T, hd]
+            last = [s.start + s.length - 1 for s in cache]
         for i, block in enumerate(self.layers):
             r = None if route is None else route[:, i]
             x = block(x, cache, pos, cos, sin, mask, r, None if order is None else order[i], hook)
             if after_layer is not None:
                 after_layer(i)
         if not all_logits:
-            x = x[-1:]
+            x = x[last]  # [1 or segments, D]
         x = F.rms_norm(x, x.shape[-1:], self.norm, self.c.rms_eps)
         return linear(x, self.embed if self.lm_head is None else self.lm_head)
 

@@ -1,6 +1,7 @@
 """The runtime under a memory budget: backbone, KV cache, router, expert cache and prefetcher.
 
-`Runtime` turns token ids into logits, one request at a time; it knows nothing about text, threads
+`Runtime` turns token ids into logits: one forward pass over whatever batch of sequence slots it
+is handed (the scheduler in `scheduler.py` decides the batch); it knows nothing about text, threads
 or HTTP. For a Read-ME MoE the router gives every token's whole expert path before the backbone
 runs, so each step first tells the cache the known future (Belady's lookahead) and queues the loads
 (the prefetcher), then computes, waiting only for experts not yet resident.
@@ -9,7 +10,6 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,8 +21,9 @@ from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
-from .model import KVCache, build_transformer, spec_shape, weight_specs
+from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
 from .quant import experts as qexperts
+from .threads import Anchor
 
 Key = tuple[int, int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -45,6 +46,7 @@ class RuntimeOptions:
     prefill_chunk: int = 256
     weights: str | None = None  # q4, q8, bf16, f16, f32 (None: --dtype's, else per device)
     quantize: str | None = None  # "int8": the old spelling of weights="q8"
+    max_batch: int = 1  # sequence slots: each has its own KV cache, counted in the plan
 
 
 @dataclass
@@ -135,12 +137,13 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
             dense_bytes += quant.planned_nbytes(fmt, shape, role, device, four)
     dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items()
                        if n.startswith("router."))  # the router stays float32
-    if c.moe is not None:  # its rope tables and its keys/values for the context
+    seqs = max(1, o.max_batch)  # one KV cache (and router cache) per sequence slot
+    if c.moe is not None:  # the router's rope tables, and its keys/values for the context
         r = c.moe.router
         dense_bytes += 2 * r.max_position * (r.dim // r.num_heads) * 4
-        dense_bytes += 2 * r.num_layers * context_length * r.dim * 4
+        dense_bytes += seqs * 2 * r.num_layers * context_length * r.dim * 4
     kv_item = quant.kv_dtype(fmt, device).itemsize
-    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
+    kv_bytes = seqs * 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
     chunk = min(o.prefill_chunk, context_length)
     width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
     scratch = chunk * width * item + c.num_heads * chunk * context_length * 4  # activations
@@ -183,6 +186,18 @@ def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
     return d
 
 
+class SeqSlot:
+    """One sequence slot: its KV cache and router cache, its tokens and their expert paths."""
+
+    def __init__(self, kv: KVCache, router_cache, length: int, layers: int):
+        self.kv, self.router_cache = kv, router_cache
+        self.tokens: list[int] = []  # the sequence whose keys/values sit in kv
+        self.routed = 0  # positions whose path is in routes (and whose keys in router_cache)
+        self.routes = torch.zeros(length, layers, dtype=torch.long)  # [S, L]
+        self.spec_guess: torch.Tensor | None = None  # the speculated path of the next token
+        self.speculations = self.speculations_right = 0
+
+
 class Runtime:
     def __init__(self, loaded: LoadedModel, options: RuntimeOptions = RuntimeOptions(),
                  on_progress: Callable[[str, float], None] | None = None):
@@ -190,21 +205,21 @@ class Runtime:
         self.config: ModelConfig = loaded.config
         if o.threads:
             torch.set_num_threads(o.threads)
+        Anchor.ensure()  # decode speed independent of the loading thread (threads.py)
         self.device = pick_device(o.device)
         self.weights, self.dtype = pick_format(o, self.device)
         self.context_length = context_limit(self.config, o.context_length)
         if self.context_length < 2:
             raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
+        if not isinstance(o.max_batch, int) or isinstance(o.max_batch, bool) or o.max_batch < 1:
+            raise EdgeReadmeError(f"--max-batch: expected an integer >= 1, got {o.max_batch!r}")
         self._stack = contextlib.ExitStack()
         try:
             self._build(loaded, on_progress)
         except BaseException:
             self._stack.close()
             raise
-        self.tokens: list[int] = []  # the sequence whose keys/values sit in the KV cache
         self._queued_future: list[Key] = []
-        self._spec_guess: torch.Tensor | None = None
-        self.routes = torch.zeros(self.context_length, self.config.num_layers, dtype=torch.long)
 
     # ------------------------------------------------------------------ construction
 
@@ -217,12 +232,15 @@ class Runtime:
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
                                        rope_length=self.context_length, weights=self.weights)
-        self.kv = KVCache(c, self.context_length, device=self.device,
-                          dtype=quant.kv_dtype(self.weights, self.device))
-        self.router = self.router_cache = self.cache = self.prefetcher = None
+        self.router = self.cache = self.prefetcher = None
         self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
+        self.slots = [SeqSlot(KVCache(c, self.context_length, device=self.device,
+                                      dtype=quant.kv_dtype(self.weights, self.device)),
+                              self.router.new_cache(self.context_length) if self.router else None,
+                              self.context_length, c.num_layers)
+                      for _ in range(o.max_batch)]
         progress("weights", 1.0)
 
     def _build_moe(self, loaded: LoadedModel, progress) -> None:
@@ -233,7 +251,6 @@ class Runtime:
         c, o, m = self.config, self.options, self.manifest
         self.router = Router.from_tensors(c.moe.router, c.moe.num_experts, c.num_layers,
                                           c.moe.routing, loaded.tensors, self.device)
-        self.router_cache = self.router.new_cache(self.context_length)
         store = self._stack.enter_context(ExpertStore(m, verify=o.verify, cold=o.cold))
         self.cache = self._stack.enter_context(
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
@@ -256,97 +273,137 @@ class Runtime:
     def close(self) -> None:
         self._stack.close()
 
-    # ------------------------------------------------------------------ the forward steps
+    # ------------------------------------------------------------------ sequence slots
 
-    def prefill(self, ids: Sequence[int], stats: StepStats,
-                check: Callable[[], None] | None = None) -> torch.Tensor:
-        """Make the KV cache hold `ids`, reusing the longest common prefix; logits of the last."""
+    def assign(self, slot: int, ids: Sequence[int]) -> int:
+        """Give `slot` to a new sequence: keep the longest cached prefix of ids; its length."""
         if len(ids) > self.context_length:
             raise EdgeReadmeError(f"prompt of {len(ids)} tokens exceeds the context length "
                                   f"{self.context_length}; shorten it or raise --context-length")
-        common = 0
-        for a, b in zip(self.tokens, ids):
+        sl, common = self.slots[slot], 0
+        for a, b in zip(sl.tokens, ids):
             if a != b:
                 break
             common += 1
         common = min(common, len(ids) - 1)
-        stats.reused_tokens = common
-        self.tokens = list(ids[:common])
-        self._spec_guess = None
-        start = time.perf_counter()
-        logits = None
-        chunk = max(1, self.options.prefill_chunk)
-        for s in range(common, len(ids), chunk):
-            part = list(ids[s:s + chunk])
-            logits = self._forward(part, s, check)
-            self.tokens.extend(part)
-        stats.prefill_tokens += len(ids) - common
-        stats.prefill_seconds += time.perf_counter() - start
-        return logits[-1]
+        sl.tokens, sl.routed, sl.spec_guess = list(ids[:common]), min(sl.routed, common), None
+        return common
 
-    def decode(self, token: int, stats: StepStats) -> torch.Tensor:
-        """Append one token; logits for the next. Scores the last speculation against the truth."""
-        if len(self.tokens) >= self.context_length:
-            raise EdgeReadmeError(f"context length {self.context_length} reached; raise "
-                                  "--context-length or start a new conversation")
-        start, pos = time.perf_counter(), len(self.tokens)
-        logits = self._forward([token], pos, None)[-1]
-        self.tokens.append(token)
-        if self._spec_guess is not None:
-            stats.speculations += 1
-            stats.speculations_right += int(torch.equal(self._spec_guess, self.routes[pos]))
-            self._spec_guess = None
-        if self.router is not None and self.options.speculate and not self.all_resident:
-            self._speculate(logits)
-        stats.decode_tokens += 1
-        stats.decode_seconds += time.perf_counter() - start
-        return logits
+    def best_slot(self, ids: Sequence[int], free: Sequence[int]) -> int:
+        """The free slot whose cached tokens share the longest prefix with ids (a chat's turns)."""
+        def shared(i: int) -> int:
+            n = 0
+            for a, b in zip(self.slots[i].tokens, ids):
+                if a != b:
+                    break
+                n += 1
+            return n
+        return max(free, key=shared)
+
+    def reset(self) -> None:
+        for sl in self.slots:
+            sl.tokens, sl.routed, sl.spec_guess = [], 0, None
+
+    def preroute(self, slot: int, ids: Sequence[int]) -> torch.Tensor | None:
+        """Route tokens about to be appended to `slot` now, so a scheduler sees their paths."""
+        if self.router is None:
+            return None
+        sl, pos = self.slots[slot], len(self.slots[slot].tokens)
+        if pos + len(ids) > self.context_length:
+            return None
+        with torch.inference_mode():
+            x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+            sl.routes[pos:pos + len(ids)] = self.router.route(x, sl.router_cache, pos).cpu()
+        sl.routed = pos + len(ids)
+        return sl.routes[pos:pos + len(ids)]
+
+    # ------------------------------------------------------------------ the forward step
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], pos: int, check) -> torch.Tensor:
+    def step(self, work: Sequence[tuple[int, Sequence[int]]],
+             check: Callable[[], None] | None = None, speculate: bool = False
+             ) -> list[torch.Tensor]:
+        """One forward pass: append work[i][1] to slot work[i][0]; the next-token logits of each.
+
+        All tokens of the step share the projections and the expert FFNs (grouped by expert);
+        attention runs per sequence. `check` runs after every layer (it may raise to cancel).
+        On any error no slot changes. `speculate`: after a one-sequence decode, prefetch the
+        likely next path (the scheduler's pre-routing does this for bigger batches)."""
+        segs: list[Segment] = []
+        ids: list[int] = []
+        for slot, toks in work:
+            sl = self.slots[slot]
+            if len(sl.tokens) + len(toks) > self.context_length:
+                raise EdgeReadmeError(f"context length {self.context_length} reached; raise "
+                                      "--context-length or start a new conversation")
+            segs.append(Segment(sl.kv, len(sl.tokens), len(ids), len(toks)))
+            ids.extend(toks)
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         after_layer = (lambda layer: check()) if check is not None else None
         try:
             if self.router is None:
-                return self.model(x, self.kv, pos, after_layer=after_layer)
-            route = self.router.route(x, self.router_cache, pos).cpu()  # [T, L]
-            self.routes[pos:pos + len(ids)] = route
-            order = self._schedule(route)
-            logits = self.model(x, self.kv, pos, route=route, order=order,
-                                after_layer=after_layer)
-            self.cache.step += 1  # numbers the forward passes in the cache's access trace
-            return logits
+                logits = self.model(x, segs, 0, after_layer=after_layer)
+            else:
+                route = torch.cat([self._route(slot, x, s) for (slot, _), s in zip(work, segs)])
+                order = self._schedule(route, [s.start + s.length - 1 for s in segs])
+                logits = self.model(x, segs, 0, route=route, order=order,
+                                    after_layer=after_layer)  # [segments, V]
+                self.cache.step += 1  # numbers the forward passes in the cache's access trace
         except BaseException:
-            self.tokens = self.tokens[:pos]  # keys/values past pos are partial: forget them
+            for slot, _ in work:  # keys/values past each sequence's end are partial: ignored
+                sl = self.slots[slot]
+                sl.routed = min(sl.routed, len(sl.tokens))
             if self.prefetcher is not None:
                 self.prefetcher.cancel_pending()
             raise
+        for (slot, toks), s in zip(work, segs):
+            sl = self.slots[slot]
+            sl.tokens.extend(toks)
+            if sl.spec_guess is not None and s.length == 1:
+                sl.speculations += 1
+                sl.speculations_right += int(torch.equal(sl.spec_guess, sl.routes[s.pos]))
+            sl.spec_guess = None
+        if speculate and len(work) == 1 and self.router is not None and self.options.speculate \
+                and not self.all_resident:
+            self._speculate(work[0][0], logits[-1])
+        return list(logits)
 
-    def _schedule(self, route: torch.Tensor) -> list[list[int]]:
+    def _route(self, slot: int, x: torch.Tensor, s: Segment) -> torch.Tensor:
+        sl = self.slots[slot]
+        if sl.routed != s.pos + s.length:  # not pre-routed: route now with the slot's cache
+            part = x[s.start:s.start + s.length]
+            sl.routes[s.pos:s.pos + s.length] = self.router.route(part, sl.router_cache,
+                                                                  s.pos).cpu()
+            sl.routed = s.pos + s.length
+        return sl.routes[s.pos:s.pos + s.length]  # [T_s, L]
+
+    def _schedule(self, route: torch.Tensor, last_rows: list[int]) -> list[list[int]]:
         """Per layer, the order of expert groups; tells the cache the future and queues loads.
 
         Within a layer, resident experts run first (their compute hides the other loads), and the
-        last token's expert runs last, so that it is the freshest when decoding continues.
-        The future Belady sees: this step's accesses, then the last token's path again (the next
-        token most likely keeps it; without it, layers just used look dead and prefetches of
-        later layers evict them), then queued requests' prompts.
+        experts of each sequence's last token run last, so that they are the freshest when
+        decoding continues. The future Belady sees: this step's accesses, then the last tokens'
+        paths again (the next tokens most likely keep them; without them, layers just used look
+        dead and prefetches of later layers evict them), then the queued work's paths.
         """
         cache = self.cache
-        last = route[-1].tolist()
         if self.all_resident:  # nothing to plan: every expert stays in its slot
-            return [[e] for e in last] if route.shape[0] == 1 else \
+            return [[e] for e in route[0].tolist()] if route.shape[0] == 1 else \
                 [torch.unique(route[:, layer]).tolist() for layer in range(route.shape[1])]
-        likely_next = list(enumerate(last))
-        if route.shape[0] == 1:  # decode: the path is the future, one expert per layer
+        nxt = route[last_rows]  # [S, L]
+        likely_next = [(layer, e) for layer in range(route.shape[1])
+                       for e in dict.fromkeys(nxt[:, layer].tolist())]
+        if route.shape[0] == 1:  # one decode token: the path is the future, one expert per layer
             cache.lookahead.clear()
             cache.lookahead.extend(likely_next + likely_next + self._queued_future)
             self.prefetcher.submit(likely_next)
-            return [[e] for e in last]
+            return [[e] for e in route[0].tolist()]
         order: list[list[int]] = []
         future = []
         for layer in range(route.shape[1]):
             experts = torch.unique(route[:, layer]).tolist()
-            experts.sort(key=lambda e: (e == last[layer], not cache.contains((layer, e))))
+            last = set(nxt[:, layer].tolist())
+            experts.sort(key=lambda e: (e in last, not cache.contains((layer, e))))
             order.append(experts)
             future.extend((layer, e) for e in experts)
         cache.lookahead.clear()
@@ -362,6 +419,10 @@ class Runtime:
                 keys.extend((layer, e) for e in torch.unique(route[:, layer]).tolist())
         self._queued_future = keys
 
+    def set_future(self, keys: list[Key]) -> None:
+        """(layer, expert) keys of work queued behind this step, for Belady's lookahead."""
+        self._queued_future = keys
+
     def route_prompt(self, ids: Sequence[int]) -> torch.Tensor | None:
         """The router's path for a whole prompt, from scratch, with a private cache."""
         if self.router is None or not ids:
@@ -371,19 +432,20 @@ class Runtime:
         with torch.inference_mode():
             return self.router.route(torch.tensor(ids, device=self.device), cache, 0).cpu()
 
-    def _speculate(self, logits: torch.Tensor) -> None:
+    def _speculate(self, slot: int, logits: torch.Tensor) -> None:
         """Route the top-k likely next tokens; prefetch the first layers of the likeliest path.
 
         The router writes its keys/values at the next position; the real token rewrites them.
         """
-        o, pos = self.options, len(self.tokens)
+        o, sl = self.options, self.slots[slot]
+        pos = len(sl.tokens)
         if pos >= self.context_length:
             return
         cands = torch.topk(logits.float(), min(o.speculate, logits.numel())).indices
         with torch.inference_mode():
-            paths = [self.router.route(cands[i:i + 1], self.router_cache, pos).cpu()[0]
+            paths = [self.router.route(cands[i:i + 1], sl.router_cache, pos).cpu()[0]
                      for i in range(len(cands))]  # each [L]
-        self._spec_guess = paths[0]
+        sl.spec_guess = paths[0]
         guess = list(enumerate(paths[0].tolist()))
         others = [(0, int(p[0])) for p in paths[1:] if (0, int(p[0])) != guess[0]]
         self.cache.lookahead.clear()  # the likeliest path first, then the runners-up's first layer
@@ -394,11 +456,11 @@ class Runtime:
 
     def resident_bytes(self) -> int:
         """Bytes the runtime holds on the compute device, all allocated at start."""
-        total = self.model.weight_bytes() + self.kv.nbytes
+        total = self.model.weight_bytes() + sum(sl.kv.nbytes for sl in self.slots)
         if self.router is not None:
             total += sum(p.nbytes for p in self.router.parameters())
             total += sum(b.nbytes for b in self.router.buffers())
-            total += sum(b.nbytes for b in self.router_cache.buffers())
+            total += sum(b.nbytes for sl in self.slots for b in sl.router_cache.buffers())
         if self.cache is not None:
             total += self.cache.block.nbytes
         return total

@@ -93,16 +93,17 @@ def test_two_threads_get_the_outputs_of_sequential_runs(engine):
 
 def test_cancel_takes_effect_within_one_token(engine, monkeypatch):
     rt, calls = engine.runtime, []
-    decode = rt.decode
+    step = rt.step
     holder = {}
 
-    def counting_decode(token, stats):  # runs on the engine's worker thread
-        calls.append(token)
-        if len(calls) == 5:
-            holder["stream"].cancel()
-        return decode(token, stats)
+    def counting_step(work, check=None, speculate=False):  # runs on the engine's worker thread
+        if len(work[0][1]) == 1:  # a decode step
+            calls.append(work)
+            if len(calls) == 5:
+                holder["stream"].cancel()
+        return step(work, check, speculate)
 
-    monkeypatch.setattr(rt, "decode", counting_decode)
+    monkeypatch.setattr(rt, "step", counting_step)
     holder["stream"] = stream = engine.stream("Go on", max_tokens=500)
     r = stream.collect()
     assert r.finish_reason == "cancelled"
@@ -111,18 +112,18 @@ def test_cancel_takes_effect_within_one_token(engine, monkeypatch):
 
 def test_cancel_during_a_long_prompt_stops_within_one_layer(engine, monkeypatch):
     rt, checks = engine.runtime, []
-    prefill = rt.prefill
+    step = rt.step
     holder = {}
 
-    def cancelling_prefill(ids, stats, check=None):
+    def cancelling_step(work, check=None, speculate=False):
         def counted() -> None:
             checks.append(1)
             if len(checks) == 1:
                 holder["stream"].cancel()
             check()
-        return prefill(ids, stats, counted)
+        return step(work, counted, speculate)
 
-    monkeypatch.setattr(rt, "prefill", cancelling_prefill)
+    monkeypatch.setattr(rt, "step", cancelling_step)
     holder["stream"] = stream = engine.stream("x" * 600, max_tokens=5)
     r = stream.collect()
     assert r.finish_reason == "cancelled" and r.token_ids == []

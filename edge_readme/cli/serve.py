@@ -10,6 +10,7 @@ import click
 from .common import ProgressBars, engine_kwargs, friendly, model_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SCHEDULES = ["fcfs", "decode-first", "prefill-first", "expert-aware"]
 
 
 @click.command("serve")
@@ -25,11 +26,20 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Largest max_tokens a request may ask for.")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
               help="Largest request body; larger ones get 413.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Sequences decoded together; each holds a KV cache in the memory budget.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="decode-first",
+              show_default=True, help="How each step's batch is chosen (expert-aware: Read-ME).")
+@click.option("--max-queue", type=click.IntRange(0), default=None,
+              help="Requests waiting for a slot before 429 [default: 4 x --max-batch].")
+@click.option("--exact", is_flag=True,
+              help="One forward pass per request: tokens exactly as each request alone.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @friendly
 def serve_command(model: str, host: str, port: int, api_key: str | None,
                   max_prompt_tokens: int | None, max_tokens_limit: int, max_body_bytes: int,
+                  max_batch: int, schedule: str, max_queue: int | None, exact: bool,
                   log_level: str, **kw: Any) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health.
 
@@ -40,6 +50,8 @@ def serve_command(model: str, host: str, port: int, api_key: str | None,
 
     _require("fastapi"), _require("uvicorn")  # fail before loading anything
     options = engine_kwargs(kw)
+    options.update(max_batch=max_batch, schedule=schedule, exact=exact,
+                   max_queue=4 * max_batch if max_queue is None else max_queue)
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
                     default_max_tokens=min(512, max_tokens_limit), max_body_bytes=max_body_bytes)
     name = default_model_name(model)

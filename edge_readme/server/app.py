@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..engine import Chunk, Engine, Stream
-from ..errors import EdgeReadmeError, RequestError
+from ..errors import EdgeReadmeError, QueueFullError, RequestError
 from . import protocol as P
 from .protocol import APIError, Limits
 
@@ -155,6 +155,10 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
             stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits)
         except RequestError as e:
             raise P.bad(str(e), "messages" if chat else "prompt") from None
+        except QueueFullError as e:  # bounded queue: tell the client when to come back
+            err = APIError(429, str(e), code="queue_full", type="server_error")
+            return JSONResponse(err.body(), status_code=429,
+                                headers={"Retry-After": str(e.retry_after)})
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         events = _pump(stream, holder)
         if stream_it:
