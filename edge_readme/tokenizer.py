@@ -112,9 +112,11 @@ def _build(spec: TokenizerSpec):
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise ModelFormatError(f"{spec.tokenizer_json}: not a valid tokenizer.json "
                                    f"({e})") from None
-    if spec.model == "gpt2":
-        return _byte_level_bpe(spec)
-    return _sentencepiece_bpe(spec)
+    try:
+        return _byte_level_bpe(spec) if spec.model == "gpt2" else _sentencepiece_bpe(spec)
+    except Exception as e:  # tokenizers raises bare Exceptions on inconsistent vocabularies
+        raise ModelFormatError(f"GGUF tokenizer ({spec.model}): the vocabulary or merges are "
+                               f"inconsistent ({e}); re-export the model") from None
 
 
 def _special_tokens(spec: TokenizerSpec):
