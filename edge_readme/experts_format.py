@@ -209,7 +209,7 @@ def write_experts(
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ModelFormatError(
             f"{path}: file not found; expected the expert manifest written by the refactor tool "
             "(run the refactor, or pass the model folder that holds experts.json)"

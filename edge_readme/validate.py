@@ -215,6 +215,9 @@ def check_hf_config(d: Any, source: Any) -> None:
     for i, x in enumerate(eos if isinstance(eos, list) else [eos]):
         token_id(source, "eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""), x, vocab)
     heads = d["num_attention_heads"]
+    kv = d.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise fail(source, "num_key_value_heads", kv, f"a divisor of num_attention_heads ({heads})")
     if d.get("head_dim") is None and d["hidden_size"] % heads:
         raise fail(source, "num_attention_heads", heads,
                    f"a divisor of hidden_size ({d['hidden_size']}) when head_dim is not given")
@@ -308,6 +311,10 @@ def check_gguf(fields: Mapping[str, Any], tensor_names: Iterable[str], source: A
     if not explicit and hidden % heads:
         raise fail(source, f"{arch}.attention.head_count", heads,
                    f"a divisor of {arch}.embedding_length ({hidden})")
+    kv = fields.get(f"{arch}.attention.head_count_kv", heads)
+    if heads % kv:
+        raise fail(source, f"{arch}.attention.head_count_kv", kv,
+                   f"a divisor of {arch}.attention.head_count ({heads})")
     blocks = fields[f"{arch}.block_count"]
     found = {int(m.group(1)) for n in tensor_names if (m := re.match(r"blk\.(\d+)\.", n))}
     if found and (max(found) >= blocks or len(found) != blocks):

@@ -86,8 +86,15 @@ def encode_value(vtype: int, value: Any) -> bytes:
     if vtype == STRING:
         raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
         return struct.pack("<Q", len(raw)) + raw
+    if isinstance(value, bytes):  # an array already encoded (deep nesting without recursion)
+        return value
     itype, items = value
     return struct.pack("<IQ", itype, len(items)) + b"".join(encode_value(itype, v) for v in items)
+
+
+def nested_array(depth: int) -> bytes:
+    """An array of arrays `depth` levels deep around one uint32, encoded iteratively."""
+    return struct.pack("<IQ", ARRAY, 1) * depth + struct.pack("<IQI", 4, 1, 1)
 
 
 def build(parts: GGUFParts, n_tensors: int | None = None, n_kv: int | None = None) -> bytes:
