@@ -198,7 +198,7 @@ def check_hf_config(d: Any, source: Any) -> None:
         raise ModelFormatError(f"{source}: expected a JSON object, found {type(d).__name__}; "
                                "expected a Hugging Face Llama config.json")
     for key, (lo, hi, required) in _HF_INTS.items():
-        if key not in d and required:
+        if d.get(key) is None and required:
             raise ModelFormatError(f"{source}: missing field {key!r}; "
                                    "expected a Hugging Face Llama config.json")
         if d.get(key) is not None:
