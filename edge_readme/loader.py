@@ -7,7 +7,6 @@ devices, dtypes of compute, or experts.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -18,9 +17,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import validate
 from .config import ModelConfig
 from .errors import ModelFormatError
-from . import validate
 
 GGUF_MAGIC = b"GGUF"
 

@@ -9,7 +9,6 @@ import torch
 
 from .errors import RequestError
 
-
 # What the sampler can take: below MIN_TEMPERATURE, logits / temperature overflows float32 (use 0
 # for greedy); seeds are what torch.Generator.manual_seed accepts.
 MIN_TEMPERATURE = 1e-6
