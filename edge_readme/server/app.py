@@ -376,9 +376,24 @@ def _guarded_protocol(header_timeout: float):
     return Guarded
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: many idle sockets must not starve real requests
+    (the header timeout closes them; this gives room until it does)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _server(app, host: str, port: int, log_level: str,
             header_timeout: float = HEADER_TIMEOUT):
     uvicorn = _require("uvicorn")
+    _raise_fd_limit()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
                             http=_guarded_protocol(header_timeout))
