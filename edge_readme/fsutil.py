@@ -20,6 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None],
                  mode: str = "w") -> None:
     """Call write(file) on a temp file beside `path` (opened with `mode`), then publish it."""
     path = Path(path)
+    remove_orphans(path.parent, f".{path.name}.")  # a killed writer's temporary of this file
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
                                dir=path.parent)
     try:

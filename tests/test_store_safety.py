@@ -121,3 +121,13 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
         os.umask(old)
     assert (tmp_path / "bench.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_atomic_write_removes_a_dead_writers_temporary(tmp_path):
+    dead = dead_pid()
+    stale = tmp_path / f".bench.json.{dead}-x1y2.tmp"
+    stale.write_text("half a file")
+    live = tmp_path / f".bench.json.{os.getpid()}-a1b2.tmp"
+    live.write_text("a write in progress")
+    atomic_write(tmp_path / "bench.json", lambda f: f.write("{}"))
+    assert not stale.exists() and live.exists()
