@@ -5,6 +5,7 @@ headers, silent connections, the per-request deadline, and bounded chat template
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -16,11 +17,14 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from click.testing import CliRunner  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from edge_readme import Engine  # noqa: E402
 from edge_readme.errors import EdgeReadmeError, RequestError  # noqa: E402
 from edge_readme.sampling import SamplingParams  # noqa: E402
 from edge_readme.server import Limits, create_app  # noqa: E402
+from edge_readme.server import protocol as P  # noqa: E402
 from edge_readme.server.app import _server, check_api_key  # noqa: E402
 from edge_readme.tokenizer import Tokenizer  # noqa: E402
 from tests.tiny_dense import write_tiny_dense  # noqa: E402
@@ -216,3 +220,42 @@ def test_hostile_template_over_http_keeps_the_server_answering(engine):
             assert r.status_code == 200
     finally:
         engine.tokenizer = saved
+
+
+# ---------------------------------------------------------------- request bodies, fuzzed
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "user", "assistant", "tiny", "", "\x00"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=10)
+_fields = ["messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+           "top_k", "seed", "stop", "n", "stream", "stream_options", "model", "ignore_eos"]
+_bodies = st.dictionaries(st.sampled_from(_fields), _values, max_size=6)
+
+
+@settings(max_examples=int(os.environ.get("EDGE_README_FUZZ_EXAMPLES", "1000")),
+          deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=_bodies)
+def test_fuzzed_request_bodies_are_400_or_valid(body):
+    """Every request body is refused with an APIError, or yields arguments the engine takes."""
+    import json as json_module
+
+    raw = json_module.dumps(body).encode("utf-8", "surrogatepass")
+    try:
+        parsed = P.parse_json(raw)
+        kw = P.sampling(parsed, Limits())
+        P.streaming(parsed)
+        P.model_field(parsed, {"tiny"}, "tiny")
+        for get in (P.messages, P.prompt):
+            try:
+                get(parsed)
+            except P.APIError:
+                pass
+    except P.APIError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    SamplingParams(kw["temperature"], kw["top_p"], kw["top_k"], kw["seed"])
