@@ -23,7 +23,11 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate ("\ud800") is not text the tokenizer takes
+            raise RequestError("prompt: not valid Unicode text (it holds a lone surrogate such "
+                               "as \\ud800); send UTF-8 text") from None
         if (self.spec.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids

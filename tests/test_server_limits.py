@@ -259,3 +259,10 @@ def test_fuzzed_request_bodies_are_400_or_valid(body):
         assert 400 <= e.status < 500 and e.message
         return
     SamplingParams(kw["temperature"], kw["top_p"], kw["top_k"], kw["seed"])
+
+
+def test_lone_surrogate_through_the_python_api(engine):
+    with pytest.raises(RequestError, match="surrogate"):
+        engine.generate("a\ud800b", max_tokens=2)
+    with pytest.raises(RequestError, match="surrogate"):
+        engine.chat([{"role": "user", "content": "a\ud800"}], max_tokens=2)
