@@ -10,6 +10,7 @@ other exception, MemoryError included. A hang is the parent's to catch (it times
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import traceback
@@ -39,11 +40,17 @@ def _run(kind: str, path: str) -> None:
     tok.decode(ids)
     if tok.chat_template:
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    if os.environ.get("EDGE_README_FUZZ_ENGINE", "1") == "1":  # the runtime on top, one token
+        from edge_readme import Engine
+
+        with Engine.load(path, device="cpu", context_length=32) as engine:
+            engine.generate("hi", max_tokens=1)
 
 
 def main() -> None:
     import torch  # noqa: F401  (imported before the cap: the cap bounds what a case adds)
 
+    import edge_readme.engine  # noqa: F401
     import edge_readme.experts_format  # noqa: F401
     import edge_readme.loader  # noqa: F401
     import edge_readme.tokenizer  # noqa: F401

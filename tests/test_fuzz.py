@@ -3,11 +3,13 @@ and memory.
 
 Hypothesis applies structured mutations to real tiny files (GGUF metadata and tensor infos,
 config.json, safetensors headers, shard indexes, tokenizer_config.json, experts.json). Each file
-is loaded by a worker subprocess whose address space is capped (RLIMIT_AS, `CASE_MIB` over its
+is loaded (load_model, the tokenizer, the chat template, then Engine.load and one generated
+token; EDGE_README_FUZZ_ENGINE=0 skips the engine) by a worker subprocess whose address space is
+capped (RLIMIT_AS, `CASE_MIB` over its
 baseline); each answer must come within `CASE_SECONDS`. A hang, a crash, an untyped exception or
 a MemoryError fails the test and prints the case.
 
-Examples per format: EDGE_README_FUZZ_EXAMPLES (default 1000, under a minute in all on 2 cores).
+Examples per format: EDGE_README_FUZZ_EXAMPLES (default 600, about 90 s in all on 2 cores).
 The issue's larger run: `EDGE_README_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py` (seeded:
 `derandomize`, so a run is repeatable; set EDGE_README_FUZZ_SEED to explore other inputs).
 """
@@ -32,7 +34,7 @@ from hypothesis import strategies as st
 from tests import gguf_bytes as gb
 from tests.tiny_models import tiny_config, tiny_tensors, write_gguf, write_hf, write_moe
 
-EXAMPLES = int(os.environ.get("EDGE_README_FUZZ_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("EDGE_README_FUZZ_EXAMPLES", "600"))
 SEED = int(os.environ.get("EDGE_README_FUZZ_SEED", "0"))
 CASE_SECONDS = 10.0
 CASE_MIB = 1024
