@@ -25,6 +25,7 @@ OUTPUT_CAP = 1 << 20  # characters of rendered prompt
 RENDER_SECONDS = 2.0
 TEMPLATE_CAP = 1 << 20  # characters of template source
 _BIG = 1 << 20  # the largest count or width a template may pass to anything
+MAX_RANGE = 100_000  # as jinja's own sandbox
 _WIDE_FORMAT = re.compile(r"\d{7,}")
 
 
@@ -60,7 +61,10 @@ def _bounded_filter(f):
 
 def _bounded_range(*args):
     _check_args(args, {})
-    return range(*args)
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise _refuse(f"a range of {len(r)} items (at most {MAX_RANGE})")
+    return r
 
 
 def environment():
