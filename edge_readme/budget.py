@@ -127,7 +127,8 @@ def plan_memory(
             f"{format_bytes(kv_cache_bytes)} + scratch {format_bytes(scratch_bytes)}"
             + (f" + {min_slots} expert slot(s) of {format_bytes(expert_slot_bytes)}"
                if expert_slot_bytes else "") + "); "
-            f"pass at least --memory-budget {format_flag(minimum)} or shorten the context",
+            f"pass at least --memory-budget {format_flag(minimum)} (memory_budget="
+            f"\"{format_flag(minimum)}\" in the Python API) or shorten the context",
             minimum_bytes=minimum,
             budget_bytes=budget_bytes,
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ModelFormatError
+from .validate import check_config, check_hf_config
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -101,6 +102,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+        if not isinstance(d, Mapping):
+            check_hf_config(d, source)  # raises: names what was found
         arch = str(d.get("model_type", "llama"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelFormatError(
@@ -108,12 +111,13 @@ class ModelConfig:
                 f"{SUPPORTED_ARCHITECTURES} models. "
                 "Use a Llama-architecture model."
             )
+        check_hf_config(d, source)
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            return cls(
+            return check_config(cls(
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(d["intermediate_size"]),
@@ -129,7 +133,7 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 name=str(d.get("_name_or_path", "")),
                 moe=MoEConfig.from_dict(d["moe"]) if d.get("moe") else None,
-            )
+            ), source)
         except KeyError as e:
             raise ModelFormatError(f"{source}: missing field {e.args[0]!r}; "
                                    "expected a Hugging Face Llama config.json") from None
@@ -182,7 +186,7 @@ class ModelConfig:
         eos = f.get("tokenizer.ggml.eos_token_id")
         eot = f.get("tokenizer.ggml.eot_token_id")
         eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
-        return cls(
+        return check_config(cls(
             vocab_size=int(n_vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
@@ -197,4 +201,4 @@ class ModelConfig:
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
             name=str(f.get("general.name", "")),
-        )
+        ), source)

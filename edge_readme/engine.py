@@ -179,6 +179,10 @@ class Engine:
 
         make_policy(policy)  # refuse an unknown policy before loading weights
         runtime = Runtime(loaded, opts, on_progress=progress)
+        del loaded  # the loader's float32 copies: free them, and the heap they held
+        from .memory import trim_heap
+
+        trim_heap()
         try:
             return cls(runtime, tokenizer, path, str(model),
                        **{k: v for k, v in batching.items() if v is not None})

@@ -24,6 +24,7 @@ import torch
 from edge_readme.errors import ExpertFileError, ModelFormatError
 from edge_readme.fsutil import atomic_write
 from edge_readme.quant import experts as qexperts
+from edge_readme.validate import JSON_LIMIT, inside, is_int, read_json
 
 FORMAT = "edge-readme-experts/1"
 TENSORS_FILE = "experts.safetensors"
@@ -242,18 +243,12 @@ def write_experts(
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ModelFormatError(
             f"{path}: file not found; expected the expert manifest written by the refactor tool "
             "(run the refactor, or pass the model folder that holds experts.json)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc}); re-run the refactor") from exc
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json(path, JSON_LIMIT, "expert manifest")
 
 
 def _check_fields(path: Path, data: dict) -> None:
@@ -270,12 +265,22 @@ def _check_fields(path: Path, data: dict) -> None:
             "this edge-readme reads only that version: re-run the refactor"
         )
     dtype_name(data["dtype"])
+    limits = {"hidden_size": 1 << 16, "num_layers": 1024, "num_experts": 4096,
+              "alignment": 1 << 20}
+    for name, hi in limits.items():
+        if not 1 <= data[name] <= hi:
+            raise ModelFormatError(f"{path}: field {name!r}: expected an integer in [1, {hi}], "
+                                   f"found {data[name]!r}; re-run the refactor")
+    if data["alignment"] & (data["alignment"] - 1):
+        raise ModelFormatError(f"{path}: field 'alignment': expected a power of two, found "
+                               f"{data['alignment']!r}; re-run the refactor")
 
 
 def _parse_entry(path: Path, raw: object, index: int) -> ExpertEntry:
     ok = isinstance(raw, dict) and all(
-        isinstance(raw.get(f), str if f == "sha256" else int) for f in _ENTRY_FIELDS
-    )
+        isinstance(raw.get(f), str) if f == "sha256" else is_int(raw.get(f))
+        for f in _ENTRY_FIELDS
+    ) and raw["offset"] >= 0
     if not ok:
         raise ModelFormatError(
             f"{path}: experts[{index}]: expected an object with integer fields "
@@ -325,8 +330,11 @@ def _read_st_header(path: Path) -> tuple[dict, int]:
             )
         try:
             header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ModelFormatError(f"{path}: safetensors header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: safetensors header: expected a JSON object, found "
+                               f"{type(header).__name__}; re-run the refactor")
     return header, 8 + size
 
 
@@ -340,7 +348,7 @@ def _check_against_header(
         "data_offsets": [e.offset - data_start, e.offset - data_start + e.length],
     }
     found = header.get(tensor_name(e.layer, e.expert))
-    if found is None or any(found.get(k) != v for k, v in want.items()):
+    if not isinstance(found, dict) or any(found.get(k) != v for k, v in want.items()):
         raise _entry_error(
             path, e, f"tensor {tensor_name(e.layer, e.expert)!r}: expected {want} "
             f"(from {MANIFEST_FILE}), found {found}",
@@ -362,7 +370,7 @@ def read_manifest(folder: str | os.PathLike) -> ExpertManifest:
         if e.key in by_key:
             raise _entry_error(json_path, e, "listed twice")
         by_key[e.key] = e
-    st_path = folder / data["file"]
+    st_path = inside(folder, data["file"], json_path, "file")
     _check_tensors_file(st_path, data, entries)
     return ExpertManifest(
         folder=folder, path=st_path, dtype=torch_dtype(data["dtype"]),

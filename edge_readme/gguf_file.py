@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFormatError
+from .validate import check_regular, is_int
 
 MAGIC = b"GGUF"
+MAX_ARRAY_DEPTH = 4  # metadata arrays of arrays: real files use one level
+MAX_DIMS = 4  # GGML_MAX_DIMS
 # GGUF value types: id -> struct format (scalars); 8 = string, 9 = array
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
             12: "d"}
@@ -66,17 +69,24 @@ class _Cursor:
         except UnicodeDecodeError:
             return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == 8:
             return self.string()
         if vtype == 9:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ModelFormatError(f"{self.path}: GGUF metadata array at byte {self.pos} is "
+                                       f"nested deeper than {MAX_ARRAY_DEPTH}; the file is corrupt")
             itype, count = self.scalar("I"), self.scalar("Q")
+            # each item takes at least this many bytes: refuse counts the file cannot hold
+            least = np.dtype(_NUMPY[itype]).itemsize if itype in _NUMPY else 8 if itype == 8 else 12
+            if count * least > len(self.buf) - self.pos:
+                self.take(count * least)  # raises the truncation error
             if itype in _NUMPY:
                 size = np.dtype(_NUMPY[itype]).itemsize
                 return np.frombuffer(self.take(count * size), dtype=_NUMPY[itype]).tolist()
-            return [self.value(itype) for _ in range(count)]
+            return [self.value(itype, depth + 1) for _ in range(count)]
         raise ModelFormatError(f"{self.path}: GGUF metadata value type {vtype} at byte "
                                f"{self.pos} is unknown; the file is corrupt or from a newer GGUF")
 
@@ -84,6 +94,9 @@ class _Cursor:
 class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if check_regular(self.path, "GGUF file") < 24:
+            raise ModelFormatError(f"{self.path}: GGUF file is truncated (shorter than its "
+                                   "24-byte header); download it again")
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         cur = _Cursor(memoryview(self._mm), self.path)
         if bytes(cur.take(4)) != MAGIC:
@@ -98,14 +111,30 @@ class GGUFFile:
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.fields:
+                raise ModelFormatError(f"{self.path}: GGUF metadata key {key!r} appears twice; "
+                                       "the file is corrupt")
             self.fields[key] = cur.value(cur.scalar("I"))
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = tuple(cur.scalar("Q") for _ in range(cur.scalar("I")))
+            n_dims = cur.scalar("I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ModelFormatError(f"{self.path}: tensor {name!r}: expected 1..{MAX_DIMS} "
+                                       f"dimensions, found {n_dims}; the file is corrupt")
+            dims = tuple(cur.scalar("Q") for _ in range(n_dims))
             infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
-        align = int(self.fields.get("general.alignment", 32))
+        if len({i[0] for i in infos}) != len(infos):
+            raise ModelFormatError(f"{self.path}: a tensor name appears twice; the file is corrupt")
+        align = self.fields.get("general.alignment", 32)
+        if not is_int(align) or align < 1 or align & (align - 1) or align > 1 << 20:
+            raise ModelFormatError(f"{self.path}: field 'general.alignment': expected a power of "
+                                   f"two up to 2^20, found {align!r}; the file is corrupt")
         data_start = -(-cur.pos // align) * align
+        misaligned = next((n for n, _, _, off in infos if off % align), None)
+        if misaligned is not None:
+            raise ModelFormatError(f"{self.path}: tensor {misaligned!r} starts off the file's "
+                                   f"{align}-byte alignment; the file is corrupt")
         self.tensors = [self._info(n, d, t, data_start + off) for n, d, t, off in infos]
 
     def _info(self, name: str, dims: tuple[int, ...], qtype: int, offset: int) -> TensorInfo:
@@ -116,7 +145,13 @@ class GGUFFile:
         except (ValueError, KeyError):
             raise ModelFormatError(f"{self.path}: tensor {name} has unknown type id {qtype}; "
                                    "re-export the model with a common type") from None
-        numel = int(np.prod(dims)) if dims else 1
+        numel = 1
+        for d in dims:
+            numel *= d
+        if not all(dims) or dims[0] % block or numel > len(self._mm) * 8:
+            raise ModelFormatError(f"{self.path}: tensor {name}: shape {list(dims)} is not a "
+                                   f"whole number of {block}-value blocks per row, or is empty or "
+                                   "larger than the file; the file is corrupt")
         nbytes = numel // block * size
         if offset + nbytes > len(self._mm):
             raise ModelFormatError(

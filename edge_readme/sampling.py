@@ -9,6 +9,11 @@ import torch
 
 from .errors import RequestError
 
+# What the sampler can take: below MIN_TEMPERATURE, logits / temperature overflows float32 (use 0
+# for greedy); seeds are what torch.Generator.manual_seed accepts.
+MIN_TEMPERATURE = 1e-6
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,13 +24,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
-             "temperature", "a number in [0, 100]", self.temperature),
+            (isinstance(self.temperature, (int, float)) and (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100),
+             "temperature", f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, 100]",
+             self.temperature),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
              "top_p", "a number in (0, 1]", self.top_p),
             (isinstance(self.top_k, int) and self.top_k >= 0,
              "top_k", "an integer >= 0 (0 = off)", self.top_k),
-            (self.seed is None or isinstance(self.seed, int), "seed", "an integer", self.seed),
+            (self.seed is None or isinstance(self.seed, int)
+             and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             "seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", self.seed),
         ]
         for ok, name, want, got in checks:
             if not ok or isinstance(got, bool):
@@ -56,6 +65,7 @@ class Sampler:
         probs = torch.softmax(x, dim=-1)
         if self.p.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < self.p.top_p  # always keeps the top one
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < self.p.top_p
+            keep[0] = True  # the top token stays, however small top_p (1e-300 is 0 in float32)
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=self.gen))

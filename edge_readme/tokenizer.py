@@ -23,7 +23,11 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate ("\ud800") is not text the tokenizer takes
+            raise RequestError("prompt: not valid Unicode text (it holds a lone surrogate such "
+                               "as \\ud800); send UTF-8 text") from None
         if (self.spec.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
@@ -40,22 +44,14 @@ class Tokenizer:
             raise RequestError("this model has no chat template; use raw completion "
                                "(drop --chat) or a model whose metadata carries one")
         _check_messages(messages)
-        from jinja2 import TemplateError
+        from .template_sandbox import compile_template, render
 
         bos = self.decode([self.bos_token_id]) if self.bos_token_id is not None else ""
         eos = self.decode([self.eos_token_id]) if self.eos_token_id is not None else ""
-        try:
-            if self._template is None:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.globals["raise_exception"] = _template_error
-                self._template = env.from_string(self.chat_template)
-            return self._template.render(messages=messages, bos_token=bos, eos_token=eos,
-                                         add_generation_prompt=add_generation_prompt)
-        except TemplateError as e:  # SecurityError included: the sandbox refused something
-            raise RequestError(f"the model's chat template failed in the sandbox: {e}; use raw "
-                               "completion or fix tokenizer.chat_template") from None
+        if self._template is None:  # bounded in time, output and sizes; every failure a 400
+            self._template = compile_template(self.chat_template, _template_error)
+        return render(self._template, messages=messages, bos_token=bos, eos_token=eos,
+                      add_generation_prompt=add_generation_prompt)
 
 
 def _template_error(msg: str) -> None:
@@ -112,9 +108,11 @@ def _build(spec: TokenizerSpec):
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise ModelFormatError(f"{spec.tokenizer_json}: not a valid tokenizer.json "
                                    f"({e})") from None
-    if spec.model == "gpt2":
-        return _byte_level_bpe(spec)
-    return _sentencepiece_bpe(spec)
+    try:
+        return _byte_level_bpe(spec) if spec.model == "gpt2" else _sentencepiece_bpe(spec)
+    except Exception as e:  # tokenizers raises bare Exceptions on inconsistent vocabularies
+        raise ModelFormatError(f"GGUF tokenizer ({spec.model}): the vocabulary or merges are "
+                               f"inconsistent ({e}); re-export the model") from None
 
 
 def _special_tokens(spec: TokenizerSpec):

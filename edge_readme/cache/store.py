@@ -81,7 +81,14 @@ class ExpertStore:
         entry = self.manifest.entry(layer, expert)
         self._check_buffer(entry, out)
         start = time.perf_counter()
-        got = self._pread(entry, out)
+        try:
+            got = self._pread(entry, out)
+        except OSError as e:  # EIO from a failing disk, ESTALE on NFS...: typed, names the expert
+            raise ExpertFileError(
+                f"{self.manifest.path}: layer {layer} expert {expert}: read failed at offset "
+                f"{entry.offset} ({e.strerror or e}); check the disk, or re-download the model",
+                layer, expert,
+            ) from e
         elapsed = time.perf_counter() - start
         if got < entry.length:
             raise ExpertFileError(

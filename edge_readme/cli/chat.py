@@ -70,7 +70,9 @@ def chat(model: str, system: str | None, max_tokens: int, temperature: float, to
         while True:
             try:
                 line = input("> " if sys.stdin.isatty() else "")
-            except EOFError:
+            except EOFError:  # Ctrl-D: end the chat's line so the shell prompt starts clean
+                if sys.stdin.isatty():
+                    click.echo()
                 break
             except KeyboardInterrupt:
                 click.echo()

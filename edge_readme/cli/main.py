@@ -60,6 +60,19 @@ def info(model: str, as_json: bool) -> None:
             click.echo(f"{k:<26} {v}")
 
 
+def _readable_plan(plan: dict) -> str:
+    """The memory plan as aligned lines, sizes in MiB (the --json form has exact bytes)."""
+    from ..budget import MIB
+
+    lines = []
+    for key, value in plan.items():
+        label = key.replace("_", " ")
+        if key.endswith("_bytes") and isinstance(value, int):
+            label, value = label.removesuffix(" bytes"), f"{value / MIB:,.1f} MiB"
+        lines.append(f"{label:<24} {value}")
+    return "\n".join(lines)
+
+
 @cli.command()
 @click.argument("prompt")
 @model_options
@@ -81,7 +94,8 @@ def generate(prompt: str, model: str, chat: bool, system: str | None, max_tokens
     if dry_run:
         from ..runtime import dry_run_plan
 
-        click.echo(json.dumps(dry_run_plan(model, ekw), indent=None if as_json else 2))
+        plan = dry_run_plan(model, ekw)
+        click.echo(json.dumps(plan) if as_json else _readable_plan(plan))
         return
     engine = load_engine(model, ekw, quiet=as_json)
     with engine:

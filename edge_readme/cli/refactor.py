@@ -68,7 +68,8 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
 @click.command("eval")
 @click.argument("model")
 @click.option("--data", multiple=True, type=click.Path(),
-              help="Held-out data (text files or JSONL); default: the built-in held-out split.")
+              help="Held-out data (text files or JSONL), held out whole; default: the built-in "
+                   "held-out split.")
 @click.option("--reference", default=None, help="The dense model to compare against.")
 @click.option("--seq-len", type=click.IntRange(16), default=256, show_default=True)
 @click.option("--sequences-per-domain", type=click.IntRange(1), default=4, show_default=True)
@@ -79,11 +80,15 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
 def eval_command(model: str, data: tuple[str, ...], reference: str | None, seq_len: int,
                  sequences_per_domain: int, weights: str | None, as_json: bool) -> None:
     """Per-domain held-out perplexity of a MoE MODEL, against a dense --reference."""
+    import dataclasses
+
     from ..refactor.corpus import load_user_data
     from ..refactor.evaluate import evaluate
     from ..registry import resolve
 
-    docs = load_user_data(list(data)) if data else None
+    # a file given here is held-out data as a whole (no 80/20 split as for calibration data)
+    docs = [dataclasses.replace(d, split="heldout") for d in load_user_data(list(data))] \
+        if data else None
     ref = resolve(reference) if reference else None
     report = evaluate(resolve(model), docs=docs, reference=ref, seq_len=seq_len,
                       sequences_per_domain=sequences_per_domain, weights=weights)

@@ -34,26 +34,31 @@ SCHEDULES = ["fcfs", "decode-first", "prefill-first", "expert-aware"]
               help="Requests waiting for a slot before 429 [default: 4 x --max-batch].")
 @click.option("--exact", is_flag=True,
               help="One forward pass per request: tokens exactly as each request alone.")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="Cancel a request still running this many seconds after it arrived (504).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @friendly
 def serve_command(model: str, host: str, port: int, api_key: str | None,
                   max_prompt_tokens: int | None, max_tokens_limit: int, max_body_bytes: int,
                   max_batch: int, schedule: str, max_queue: int | None, exact: bool,
-                  log_level: str, **kw: Any) -> None:
+                  log_level: str, request_timeout: float | None = None, **kw: Any) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health.
 
     The server listens at once and loads the model in the background; GET /health shows
     the load progress and answers 200 when requests can be served."""
-    from ..server.app import _require, default_model_name, serve_loading
+    from ..server.app import _require, check_api_key, default_model_name, serve_loading
     from ..server.protocol import Limits
 
     _require("fastapi"), _require("uvicorn")  # fail before loading anything
+    if api_key is not None:
+        check_api_key(api_key)
     options = engine_kwargs(kw)
     options.update(max_batch=max_batch, schedule=schedule, exact=exact,
                    max_queue=4 * max_batch if max_queue is None else max_queue)
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
-                    default_max_tokens=min(512, max_tokens_limit), max_body_bytes=max_body_bytes)
+                    default_max_tokens=min(512, max_tokens_limit), max_body_bytes=max_body_bytes,
+                    request_timeout=request_timeout)
     name = default_model_name(model)
     if host not in LOOPBACK and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key; anyone who can reach "

@@ -88,13 +88,26 @@ class Prefetcher:
             return key
 
     def _run(self) -> None:
-        while (key := self._next()) is not None:
-            try:
-                self.cache.request([key])
-            except Exception as exc:  # noqa: BLE001 - a dead thread would hang wait_idle()
-                with self._cond:
-                    self.failures += 1
-                    self.last_error = exc
+        try:
+            while (key := self._next()) is not None:
+                try:
+                    self.cache.request([key])
+                except Exception as exc:  # noqa: BLE001 - a dead thread would hang wait_idle()
+                    with self._cond:
+                        self.failures += 1
+                        self.last_error = exc
+        except BaseException as exc:  # the thread dies: later loads happen on demand
+            with self._cond:
+                self.failures += 1
+                self.last_error = exc
+            raise
+        finally:  # never leave waiters on a dead thread, nor a queue that no one drains
+            with self._cond:
+                self._closed = True
+                self._active = None
+                self._queue.clear()
+                self._queued.clear()
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Drop pending loads, let the running one finish, join the thread. Idempotent."""

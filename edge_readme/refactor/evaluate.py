@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from edge_readme.errors import DataError
 from edge_readme.experts_format import load_float_experts
 from edge_readme.loader import load_model
 from edge_readme.model import ExpertWeights, KVCache, Transformer, build_transformer
@@ -127,6 +128,9 @@ def evaluate(moe_folder, docs=None, reference=None, seq_len: int = 256,
             bar.update(1)
         report["domains"][name] = _domain_row(acc)
     bar.close()
+    if dense is not None and total == 0:
+        raise DataError("the held-out data gives no sequence to evaluate; give more text "
+                        "(--data) or a smaller --seq-len")
     if dense is not None:
         report["router_accuracy"] = hits / total / (1 if router.routing == "global"
                                                     else model.c.num_layers)

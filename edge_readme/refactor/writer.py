@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from edge_readme.config import ModelConfig
 from edge_readme.errors import DataError, EdgeReadmeError
 from edge_readme.experts_format import dtype_name, write_experts
+from edge_readme.fsutil import remove_orphans
 from edge_readme.quant import q4
 from edge_readme.quant.experts import supported as q4_supported
 
@@ -89,6 +90,8 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for kind in ("tmp", "old"):  # what a killed build left behind (its PID is dead)
+        remove_orphans(out.parent, f".{out.name}.{kind}-")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

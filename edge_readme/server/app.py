@@ -98,6 +98,7 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
     from starlette.responses import JSONResponse
 
     holder = engine if isinstance(engine, EngineHolder) else EngineHolder(engine)
+    key_bytes = check_api_key(api_key).encode() if api_key is not None else b""
     if model_name is None:
         model_name = default_model_name(holder.engine.name) if holder.engine else "model"
     app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
@@ -123,7 +124,9 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+        # compare bytes: a header that is not ASCII (or a key that is not) must not raise
+        token_bytes = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key_bytes):
             raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -160,6 +163,7 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
             return JSONResponse(err.body(), status_code=429,
                                 headers={"Retry-After": str(e.retry_after)})
         rid = P.new_id("chatcmpl" if chat else "cmpl")
+        deadline = _Deadline(stream, limits.request_timeout)
         events = _pump(stream, holder)
         if stream_it:
             return _EventStream(_sse(events, rid, model, chat, include_usage, n_prompt), stream)
@@ -169,9 +173,14 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
             async for c in events:
                 text.append(c.text)
                 last = c
+        except APIError:
+            deadline.check()
+            raise
         finally:
             watcher.cancel()
+            deadline.cancel()
             stream.cancel()
+        deadline.check()
         assert last is not None and last.finish_reason is not None
         stats = last.stats or {}
         use = P.usage(n_prompt, stats.get("completion_tokens", 0))
@@ -187,6 +196,38 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
     app.add_route("/v1/chat/completions", complete, methods=["POST"])
     app.add_route("/v1/completions", complete, methods=["POST"])
     return app
+
+
+def check_api_key(key: str) -> str:
+    """An API key must be printable ASCII (it travels in an HTTP header); else EdgeReadmeError."""
+    if not key or not all(33 <= ord(ch) <= 126 for ch in key):
+        raise EdgeReadmeError("--api-key: expected printable ASCII characters without spaces "
+                              f"({len(key)} characters given, some outside that range); "
+                              "choose another key")
+    return key
+
+
+class _Deadline:
+    """--request-timeout: cancels the stream when the time is up; `check()` then answers 504."""
+
+    def __init__(self, stream: Stream, seconds: float | None):
+        self.seconds, self.fired, self._timer = seconds, False, None
+        if seconds:
+            self._timer = asyncio.get_running_loop().call_later(seconds, self._fire, stream)
+
+    def _fire(self, stream: Stream) -> None:
+        self.fired = True
+        stream.cancel()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def check(self) -> None:
+        if self.fired:
+            raise APIError(504, f"the request ran past this server's {self.seconds:g} s limit "
+                                "and was cancelled (--request-timeout); ask for fewer tokens",
+                           code="request_timeout", type="server_error")
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -314,10 +355,52 @@ def check_port(host: str, port: int) -> None:
                                   f"({e.strerror}); pick another --port") from None
 
 
-def _server(app, host: str, port: int, log_level: str):
+HEADER_TIMEOUT = 10.0  # seconds a new connection may take to send its request headers
+KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
+
+
+def _guarded_protocol(header_timeout: float):
+    """uvicorn's h11 protocol, closing a connection that sends no request within the timeout
+    (uvicorn only times out idle keep-alive connections, not fresh silent ones)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Guarded(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(header_timeout, self._no_request)
+
+        def _no_request(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
+
+
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: many idle sockets must not starve real requests
+    (the header timeout closes them; this gives room until it does)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _server(app, host: str, port: int, log_level: str,
+            header_timeout: float = HEADER_TIMEOUT):
     uvicorn = _require("uvicorn")
+    _raise_fd_limit()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+                            http=_guarded_protocol(header_timeout))
     return uvicorn.Server(config)
 
 

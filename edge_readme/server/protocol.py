@@ -22,6 +22,7 @@ class Limits:
     max_tokens: int = 2048  # the largest `max_tokens` a request may ask for
     default_max_tokens: int = 512  # used when a request gives none
     max_body_bytes: int = 1 << 20
+    request_timeout: float | None = None  # seconds from queueing to the last token; None = none
 
 
 class APIError(Exception):
@@ -42,16 +43,47 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param, code)
 
 
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest a few levels (messages -> content parts -> ...)
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e}); send a JSON object",
                   code="invalid_json") from None
+    except RecursionError:
+        raise bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                  code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the request body is a JSON {type(body).__name__}; expected an object",
                   code="invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: Any) -> None:
+    """Depth at most MAX_JSON_DEPTH, and every string (keys too) valid Unicode text: a lone
+    surrogate escape such as "\\ud800" cannot be encoded and is refused here. Iterative."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                      code="invalid_json")
+        items = node.items() if isinstance(node, dict) else enumerate(node) \
+            if isinstance(node, list) else ()
+        for key, value in items:
+            for s in (key, value):
+                if isinstance(s, str):
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad("the request body holds a string that is not valid Unicode "
+                                  "text (a lone surrogate escape such as \\ud800)",
+                                  code="invalid_json") from None
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
@@ -104,15 +136,29 @@ def sampling(body: dict, limits: Limits) -> dict[str, Any]:
     if not isinstance(stop, list) or len(stop) > 4 \
             or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop: expected a non-empty string or a list of up to 4 of them", "stop")
-    return {
+    kw = {
         "max_tokens": max_tokens,
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         "top_k": _integer(body, "top_k", 0, 0),
-        "seed": _integer(body, "seed", None, -(2 ** 63)),
+        "seed": _integer(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
         "stop": tuple(stop),
         "ignore_eos": _flag(body, "ignore_eos"),  # an extension (as in vLLM): run to max_tokens
     }
+    _check_sampler(kw)
+    return kw
+
+
+def _check_sampler(kw: dict[str, Any]) -> None:
+    """The sampler's own limits (as the CLI and the Python API get them), answered as 400s."""
+    from ..errors import RequestError
+    from ..sampling import SamplingParams
+
+    try:
+        SamplingParams(temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"],
+                       seed=kw["seed"])
+    except RequestError as e:
+        raise bad(str(e), str(e).split(":", 1)[0]) from None
 
 
 def streaming(body: dict) -> tuple[bool, bool]:
