@@ -42,3 +42,7 @@ def release_tensors(*modules: nn.Module | None) -> None:
                 continue
             for t in list(m.parameters()) + list(m.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            for sub in m.modules():  # quantized weights are plain attributes, not parameters
+                for name, v in list(vars(sub).items()):
+                    if hasattr(v, "dequantize"):
+                        setattr(sub, name, None)

@@ -73,15 +73,16 @@ class KVCache(nn.Module):
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd] in q's dtype.
-    Grouped heads share their keys through a view (SDPA's GQA path on the CPU copies them: 3x
-    slower here). Products run in the cache's dtype, the softmax in float32."""
+    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd]. Grouped heads
+    share their keys through a view (SDPA's GQA path on the CPU copies them: 3x slower here).
+    A bfloat16 cache is read in q's dtype, as the prompt's path reads it: a token decoded alone
+    and the same token prefilled with others agree to float32 rounding."""
     H, _, hd = q.shape
     Hkv = keys.shape[0]
-    qg = q.view(Hkv, H // Hkv, hd).to(keys.dtype)  # [Hkv, g, hd]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).float().mul_(hd ** -0.5)  # [Hkv, g, S]
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.bmm(probs, values).to(q.dtype).view(H, 1, hd)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    qg = q.view(Hkv, H // Hkv, hd)  # [Hkv, g, hd]
+    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(hd ** -0.5)  # [Hkv, g, S]
+    return torch.bmm(torch.softmax(scores, dim=-1), values).view(H, 1, hd)
 
 
 @dataclass

@@ -274,7 +274,8 @@ class Runtime:
         self._stack.close()
         from .memory import release_tensors, trim_heap
 
-        release_tensors(self.model, self.kv, self.router)  # close() gives the memory back
+        release_tensors(self.model, self.router, *(sl.kv for sl in self.slots),
+                        *(sl.router_cache for sl in self.slots))  # close() gives memory back
         trim_heap()
 
     # ------------------------------------------------------------------ sequence slots
