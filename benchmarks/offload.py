@@ -240,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=3, help="Builtin prompts per run.")
     ap.add_argument("--tokens", type=int, default=32, help="Decode tokens per prompt.")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    ap.add_argument("--quantize", choices=["int8"], default=None,
-                    help="Int8 resident weights: faster compute, so reads weigh more.")
+    ap.add_argument("--weights", choices=["q4", "q8", "bf16", "f16", "f32"], default=None,
+                    help="Weight format (default: q4 on CPU, f16 on GPU).")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     ap.add_argument("--out", type=Path, default=Path("results/offload"))
     a = ap.parse_args(argv)
     model = str(write_synthetic(a.synthetic)) if a.synthetic else a.model
-    base = {"device": "cpu", "context_length": 512, "threads": a.threads, "dtype": a.dtype,
-            "quantize": a.quantize}
+    base = {"device": a.device, "context_length": 512, "threads": a.threads,
+            "weights": a.weights}
     plan = dry_run_plan(model, base)
     prompts = builtin_prompts(per_domain=1, max_tokens=a.tokens)
     warmup, prompts = prompts[-1], prompts[: a.prompts]

@@ -1,9 +1,11 @@
 """The on-disk expert format: `experts.safetensors` + `experts.json` in a model folder.
 
-One tensor per (layer, expert) named `layers.{l}.experts.{e}`, shape [3, rows, D]:
-[0] gate_proj rows, [1] up_proj rows, [2] down_proj columns transposed. Every expert starts at a
-file offset aligned to 4096 (header padded with spaces, `__pad__.{k}` uint8 tensors between
-experts), so one positioned read, or one O_DIRECT read, fetches one expert.
+One tensor per (layer, expert) named `layers.{l}.experts.{e}`. Float experts (dtype float32,
+bfloat16, float16) have shape [3, rows, D]: [0] gate_proj rows, [1] up_proj rows, [2] down_proj
+columns transposed. q4 experts (dtype "q4") are one uint8 blob each, laid out as
+`edge_readme.quant.experts` says (int4 group-wise, rows padded to 32 with zero neurons).
+Every expert starts at a file offset aligned to 4096 (header padded with spaces, `__pad__.{k}`
+uint8 tensors between experts), so one positioned read, or one O_DIRECT read, fetches one expert.
 This module writes and validates the format; it does not read expert bytes (see cache/store.py).
 """
 
@@ -21,6 +23,7 @@ import torch
 
 from edge_readme.errors import ExpertFileError, ModelFormatError
 from edge_readme.fsutil import atomic_write
+from edge_readme.quant import experts as qexperts
 from edge_readme.validate import JSON_LIMIT, inside, is_int, read_json
 
 FORMAT = "edge-readme-experts/1"
@@ -33,6 +36,7 @@ _DTYPES = {
     "bfloat16": (torch.bfloat16, "BF16"),
     "float16": (torch.float16, "F16"),
 }
+Q4 = "q4"  # the manifest dtype of int4 group-wise experts
 _REQUIRED = {
     "format": str, "file": str, "dtype": str, "hidden_size": int, "num_layers": int,
     "num_experts": int, "alignment": int, "experts": list,
@@ -51,18 +55,27 @@ def tensor_name(layer: int, expert: int) -> str:
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
-    """torch.bfloat16 or 'bfloat16' -> 'bfloat16'; anything else raises ModelFormatError."""
+    """torch.bfloat16 or 'bfloat16' -> 'bfloat16'; 'q4' -> 'q4'; else ModelFormatError."""
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
+    name = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(name, name)
+    if name not in _DTYPES and name != Q4:
         raise ModelFormatError(
-            f"expert dtype: expected one of {sorted(_DTYPES)}, found {name!r}; "
-            "convert the experts to a supported dtype"
+            f"expert dtype: expected one of {sorted(_DTYPES) + [Q4]}, found {name!r}; "
+            "convert the experts to a supported format (refactor --expert-format)"
         )
     return name
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[dtype_name(name)][0]
+    name = dtype_name(name)
+    return torch.uint8 if name == Q4 else _DTYPES[name][0]
+
+
+def expert_nbytes(dt: str, rows: int, hidden: int) -> int:
+    """Bytes of one expert of `rows` neurons in the file."""
+    if dt == Q4:
+        return qexperts.Layout(rows, hidden).nbytes
+    return 3 * rows * hidden * torch_dtype(dt).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +107,7 @@ class ExpertManifest:
     alignment: int
     entries: tuple[ExpertEntry, ...]
     by_key: Mapping[Key, ExpertEntry] = dataclasses.field(repr=False, compare=False)
+    expert_format: str = "float"  # "q4": int4 blobs; "float": [3, rows, D] in `dtype`
 
     def entry(self, layer: int, expert: int) -> ExpertEntry:
         found = self.by_key.get((layer, expert))
@@ -137,12 +151,12 @@ def _layout(experts: Mapping[Key, torch.Tensor], dt: str) -> tuple[dict, list]:
     """Safetensors header entries and [(key, rel_offset, nbytes)] with aligned expert offsets."""
     header: dict = {"__metadata__": {"format": FORMAT}}
     placed, end, pads = [], 0, 0
-    st_dtype, itemsize = _DTYPES[dt][1], torch_dtype(dt).itemsize
     for key in sorted(experts):
         shape = list(experts[key].shape)
-        nbytes = shape[0] * shape[1] * shape[2] * itemsize
+        nbytes = expert_nbytes(dt, shape[1], shape[2])
         header[tensor_name(*key)] = {
-            "dtype": st_dtype, "shape": shape, "data_offsets": [end, end + nbytes],
+            "dtype": "U8" if dt == Q4 else _DTYPES[dt][1],
+            "shape": [nbytes] if dt == Q4 else shape, "data_offsets": [end, end + nbytes],
         }
         placed.append((key, end, nbytes))
         end += nbytes
@@ -154,6 +168,21 @@ def _layout(experts: Mapping[Key, torch.Tensor], dt: str) -> tuple[dict, list]:
             pads += 1
             end += gap
     return header, placed
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """[3, rows, D] -> [3, rows padded to 32, D] with zero neurons (they add nothing)."""
+    rows = qexperts.padded(t.shape[1])
+    if rows == t.shape[1]:
+        return t
+    return torch.cat([t, t.new_zeros(3, rows - t.shape[1], t.shape[2])], dim=1)
+
+
+def _encode(t: torch.Tensor, dt: str) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    if dt == Q4:
+        return qexperts.encode(torch.cat([t[0], t[1]]).float(), t[2].t().float())
+    return t.to(torch_dtype(dt)).contiguous().view(torch.uint8)
 
 
 def _header_bytes(header: dict) -> bytes:
@@ -172,6 +201,11 @@ def write_experts(
     hidden = next(iter(experts.values())).shape[-1]
     for key, t in experts.items():
         _check_expert(key, t, hidden)
+    if dt == Q4:
+        if not qexperts.supported(hidden):
+            raise ModelFormatError(f"write_experts: q4 experts need a hidden size that is a "
+                                   f"multiple of 64, found {hidden}; use --expert-format f16")
+        experts = {k: _pad_rows(t) for k, t in experts.items()}
     header, placed = _layout(experts, dt)
     head = _header_bytes(header)
     data_start = 8 + len(head)
@@ -182,7 +216,7 @@ def write_experts(
         f.write(head)
         for key, rel, nbytes in placed:
             f.seek(data_start + rel)
-            raw = experts[key].detach().to("cpu", torch_dtype(dt)).contiguous().view(torch.uint8)
+            raw = _encode(experts[key], dt)
             view = memoryview(raw.numpy()).cast("B")
             f.write(view)
             entries.append({
@@ -264,16 +298,19 @@ def _entry_error(path: Path, e: ExpertEntry, what: str) -> ExpertFileError:
 
 
 def _check_entry(path: Path, data: dict, e: ExpertEntry) -> None:
-    hidden, itemsize = data["hidden_size"], torch_dtype(data["dtype"]).itemsize
+    hidden, dt = data["hidden_size"], dtype_name(data["dtype"])
     if not (0 <= e.layer < data["num_layers"] and 0 <= e.expert < data["num_experts"]):
         raise _entry_error(
             path, e, f"index out of range: expected layer < {data['num_layers']} "
             f"and expert < {data['num_experts']}",
         )
-    if e.rows < 1 or e.length != 3 * e.rows * hidden * itemsize:
+    if dt == Q4 and (e.rows % qexperts.GROUP or not qexperts.supported(hidden)):
+        raise _entry_error(path, e, f"q4 experts need rows a multiple of 32 and a hidden size "
+                           f"a multiple of 64, found rows {e.rows}, hidden {hidden}")
+    if e.rows < 1 or e.length != expert_nbytes(dt, e.rows, hidden):
         raise _entry_error(
-            path, e, f"expected length 3 * rows({e.rows}) * hidden({hidden}) * {itemsize} "
-            f"= {3 * e.rows * hidden * itemsize} bytes, found {e.length}",
+            path, e, f"expected length {expert_nbytes(dt, max(e.rows, 0), hidden)} bytes for "
+            f"{e.rows} rows x hidden {hidden} in format {dt}, found {e.length}",
         )
     if e.offset % data["alignment"]:
         raise _entry_error(
@@ -304,8 +341,10 @@ def _read_st_header(path: Path) -> tuple[dict, int]:
 def _check_against_header(
     path: Path, header: dict, data_start: int, data: dict, e: ExpertEntry
 ) -> None:
+    q4 = dtype_name(data["dtype"]) == Q4
     want = {
-        "dtype": _DTYPES[data["dtype"]][1], "shape": [3, e.rows, data["hidden_size"]],
+        "dtype": "U8" if q4 else _DTYPES[dtype_name(data["dtype"])][1],
+        "shape": [e.length] if q4 else [3, e.rows, data["hidden_size"]],
         "data_offsets": [e.offset - data_start, e.offset - data_start + e.length],
     }
     found = header.get(tensor_name(e.layer, e.expert))
@@ -338,6 +377,7 @@ def read_manifest(folder: str | os.PathLike) -> ExpertManifest:
         hidden_size=data["hidden_size"], num_layers=data["num_layers"],
         num_experts=data["num_experts"], alignment=data["alignment"],
         entries=entries, by_key=by_key,
+        expert_format=Q4 if dtype_name(data["dtype"]) == Q4 else "float",
     )
 
 
@@ -360,3 +400,19 @@ def _check_tensors_file(path: Path, data: dict, entries: tuple[ExpertEntry, ...]
     header, data_start = _read_st_header(path)
     for e in entries:
         _check_against_header(path, header, data_start, data, e)
+
+
+def load_float_experts(folder: str | os.PathLike) -> dict[Key, torch.Tensor]:
+    """Every expert as float32 [3, rows, D] (q4 ones decoded exactly), for offline tools."""
+    from safetensors import safe_open
+
+    m = read_manifest(folder)
+    out = {}
+    with safe_open(str(m.path), framework="pt") as f:
+        for e in m.entries:
+            t = f.get_tensor(tensor_name(e.layer, e.expert))
+            if m.expert_format == Q4:
+                gu, dn = qexperts.dequantize(qexperts.Layout(e.rows, m.hidden_size).views(t))
+                t = torch.cat([gu, dn.t()]).view(3, e.rows, m.hidden_size)
+            out[e.key] = t.float()
+    return out

@@ -248,6 +248,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     for f in safetensors_files(folder):
         for name, t in iter_safetensors(f):
             tensors[name] = t.float() if t.is_floating_point() else t
+    _decode_q4(tensors, folder)
     if "lm_head.weight" not in tensors and not config.tie_embeddings:
         import dataclasses
 
@@ -278,6 +279,23 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
                          add_bos=bool(special.get("add_bos_token", False)))
     template = template if isinstance(template, str) else None
     return LoadedModel(config, tensors, spec, template, folder)
+
+
+def _decode_q4(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """`NAME.q4` + `NAME.q4_scale` + `NAME.q4_min` (4-bit matrices) -> float32 `NAME`."""
+    from .quant.q4 import decode_plain
+
+    for name in [n for n in tensors if n.endswith(".q4")]:
+        base = name[:-3]
+        parts = [tensors.pop(name), tensors.pop(base + ".q4_scale", None),
+                 tensors.pop(base + ".q4_min", None)]
+        q, scale, lo = parts
+        if scale is None or lo is None or q.dtype != torch.uint8 or q.dim() != 2 \
+                or scale.shape != lo.shape or scale.shape != (q.shape[0], q.shape[1] * 2 // 32):
+            raise ModelFormatError(f"{folder}: 4-bit tensor {base}: expected uint8 {base}.q4 "
+                                   f"[N, K/2] with float {base}.q4_scale and {base}.q4_min "
+                                   "[N, K/32]; the model folder is corrupt: rebuild it")
+        tensors[base] = decode_plain(q, scale, lo)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

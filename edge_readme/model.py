@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quant import Weight, convert, embedding, linear, nbytes
 
 
 @dataclass(frozen=True)
 class ExpertWeights:
     """One expert's weights as the MoE layer uses them (for a cache: views into a slot)."""
 
-    gate: torch.Tensor  # [rows, D]
-    up: torch.Tensor  # [rows, D]
-    down_t: torch.Tensor  # [rows, D]: down_proj columns, transposed
+    gate_up: Weight  # [2 rows, D]: gate_proj rows, then up_proj rows
+    down: Weight  # [D, rows]
 
 
 class ExpertProvider(Protocol):
@@ -32,45 +32,6 @@ class ExpertProvider(Protocol):
 
 
 ActivationHook = Callable[[int, torch.Tensor], None]  # (layer, down_proj input [T, F])
-
-
-@dataclass
-class Int8Weight:
-    """A [out, in] weight as int8 rows with one scale per row (weight-only quantization)."""
-
-    q: torch.Tensor  # [out, in] int8
-    scale: torch.Tensor  # [out], compute dtype
-
-    @staticmethod
-    def eligible(shape: tuple[int, ...]) -> bool:
-        """The CPU kernel needs the input width in blocks of 32 (else it crashes on batches)."""
-        return len(shape) == 2 and shape[1] % 32 == 0
-
-    @classmethod
-    def quantize(cls, w: torch.Tensor) -> "Int8Weight":
-        scale = w.float().abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
-        q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.to(w.dtype))
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
-
-
-Weight = torch.Tensor | Int8Weight
-
-
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    if isinstance(w, Int8Weight):  # CPU int8 weight-only kernel; x in the scales' dtype
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w.q, w.scale)
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, w)
-
-
-def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
-    if isinstance(w, Int8Weight):
-        return w.q[ids].to(w.scale.dtype) * w.scale[ids, None]  # [T, D]
-    return F.embedding(ids, w)
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=torch.float32):
@@ -111,6 +72,18 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd] in q's dtype.
+    Grouped heads share their keys through a view (SDPA's GQA path on the CPU copies them: 3x
+    slower here). Products run in the cache's dtype, the softmax in float32."""
+    H, _, hd = q.shape
+    Hkv = keys.shape[0]
+    qg = q.view(Hkv, H // Hkv, hd).to(keys.dtype)  # [Hkv, g, hd]
+    scores = torch.bmm(qg, keys.transpose(1, 2)).float().mul_(hd ** -0.5)  # [Hkv, g, S]
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.bmm(probs, values).to(q.dtype).view(H, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -129,9 +102,13 @@ class Attention(nn.Module):
         cache.k[layer, :, pos:pos + T] = k
         cache.v[layer, :, pos:pos + T] = v
         keys, values = cache.k[layer, :, :pos + T], cache.v[layer, :, :pos + T]  # [Hkv, S, hd]
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if T == 1:
+            out = decode_attention(q, keys, values)
+        else:
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=True)
         return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
 
 
@@ -144,8 +121,7 @@ class DenseFFN(nn.Module):
         self.w_down = nn.Parameter(torch.empty(c.hidden_size, rows), requires_grad=False)
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return F.silu(g) * u  # [T, F]
+        return swiglu(x, self.w_gate_up)  # [T, F]
 
     def forward(self, x, layer: int, hook: ActivationHook | None = None):
         h = self.act(x)
@@ -154,9 +130,13 @@ class DenseFFN(nn.Module):
         return linear(h, self.w_down)
 
 
+def swiglu(x: torch.Tensor, gate_up: Weight) -> torch.Tensor:
+    g, u = linear(x, gate_up).chunk(2, dim=-1)
+    return F.silu(g) * u  # [T, rows]
+
+
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    h = F.silu(F.linear(x, w.gate)) * F.linear(x, w.up)  # [T_e, rows]
-    return h @ w.down_t  # [T_e, D]
+    return linear(swiglu(x, w.gate_up), w.down)  # [T_e, D]
 
 
 class MoEFFN(nn.Module):
@@ -218,20 +198,11 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def quantize_int8(self) -> None:
-        """Int8 weight-only for the resident projections, embedding and head (CPU decode)."""
-        for mod in self.modules():
-            for name in ("wqkv", "wo", "w_gate_up", "w_down", "embed", "lm_head"):
-                p = mod._parameters.get(name)
-                if p is not None and Int8Weight.eligible(tuple(p.shape)):
-                    del mod._parameters[name]
-                    setattr(mod, name, Int8Weight.quantize(p.data))
-
     def weight_bytes(self) -> int:
         """Bytes of every weight and buffer, quantized ones included."""
         total = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for b in self.buffers())
-        return total + sum(v.nbytes for m in self.modules() for v in vars(m).values()
-                           if isinstance(v, Int8Weight))
+        return total + sum(nbytes(v) for m in self.modules() for v in vars(m).values()
+                           if hasattr(v, "dequantize"))
 
     def attach_experts(self, provider: ExpertProvider) -> None:
         for block in self.layers:
@@ -245,7 +216,7 @@ class Transformer(nn.Module):
         """tokens: [T] at positions pos..pos+T-1. route: [T, L] expert per token per layer (MoE).
         order: per layer, the order in which to run expert groups. Returns logits [T or 1, V]."""
         T = tokens.shape[0]
-        x = embedding(tokens, self.embed)  # [T, D]
+        x = embedding(tokens, self.embed, self.norm.dtype)  # [T, D]
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         mask = causal_mask(pos, T, x.device)
         for i, block in enumerate(self.layers):
@@ -259,30 +230,96 @@ class Transformer(nn.Module):
         return linear(x, self.embed if self.lm_head is None else self.lm_head)
 
 
+# weights that `convert` may quantize, and the role each plays
+PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head")
+
+
+def _assign(mod: nn.Module, name: str, w: Weight) -> None:
+    if isinstance(w, torch.Tensor):
+        setattr(mod, name, nn.Parameter(w, requires_grad=False))
+    else:
+        mod._parameters.pop(name, None)
+        setattr(mod, name, w)
+
+
+def _pad_ffn(gate_up: torch.Tensor, down: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """Zero neurons up to `rows` (exact: silu(0) * 0 = 0), so quantized kernels' blocks fit."""
+    r = down.shape[1]
+    if rows == r:
+        return gate_up, down
+    g, u = gate_up.split(r)
+    pad = gate_up.new_zeros(rows - r, gate_up.shape[1])
+    return torch.cat([g, pad, u, pad]), torch.cat([down, down.new_zeros(down.shape[0], rows - r)],
+                                                  dim=1)
+
+
+def padded_rows(rows: int, weights: str | None) -> int:
+    return rows if weights in (None, "f32", "bf16", "f16") else -(-rows // 32) * 32
+
+
+def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str | None):
+    """(module path, attribute, tensor maker, role) for every weight, in build order; the
+    memory plan walks the same list, so planned and built bytes agree."""
+    specs = [("", "embed", lambda: tensors["model.embed_tokens.weight"], "embed"),
+             ("", "norm", lambda: tensors["model.norm.weight"], "norm")]
+    if not c.tie_embeddings:
+        specs.append(("", "lm_head", lambda: tensors["lm_head.weight"], "proj"))
+    for i in range(c.num_layers):
+        p, b = f"model.layers.{i}.", f"layers.{i}."
+        moe = c.moe is not None
+        mlp, ffn = (p + "mlp.shared.", b + "ffn.shared") if moe else (p + "mlp.", b + "ffn")
+
+        def gate_up_down(mlp=mlp):
+            gu = torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]])
+            down = tensors[mlp + "down_proj.weight"]
+            return _pad_ffn(gu, down, padded_rows(down.shape[1], weights))
+
+        specs += [
+            (b[:-1], "attn_norm", lambda p=p: tensors[p + "input_layernorm.weight"], "norm"),
+            (b[:-1], "ffn_norm", lambda p=p: tensors[p + "post_attention_layernorm.weight"],
+             "norm"),
+            (b + "attn", "wqkv", lambda p=p: torch.cat(
+                [tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), "proj"),
+            (b + "attn", "wo", lambda p=p: tensors[p + "self_attn.o_proj.weight"], "proj"),
+            (ffn, "w_gate_up", lambda f=gate_up_down: f()[0], "proj"),
+            (ffn, "w_down", lambda f=gate_up_down: f()[1], "down"),
+        ]
+    return specs
+
+
+def spec_shape(c: ModelConfig, tensors: dict[str, torch.Tensor], path: str, name: str,
+               weights: str | None) -> tuple[int, ...]:
+    """The shape a spec's tensor will have, without building it."""
+    if name in ("embed", "lm_head"):
+        return (c.vocab_size, c.hidden_size)
+    if name in ("norm", "attn_norm", "ffn_norm"):
+        return (c.hidden_size,)
+    if name == "wqkv":
+        return (c.q_dim + 2 * c.kv_dim, c.hidden_size)
+    if name == "wo":
+        return (c.hidden_size, c.q_dim)
+    layer = int(path.split(".")[1])
+    pre = f"model.layers.{layer}.mlp." + ("shared." if c.moe is not None else "")
+    rows = padded_rows(tensors[pre + "down_proj.weight"].shape[1], weights)
+    return (2 * rows, c.hidden_size) if name == "w_gate_up" else (c.hidden_size, rows)
+
+
 def build_transformer(c: ModelConfig, tensors: dict[str, torch.Tensor], device, dtype,
-                      rope_length: int | None = None) -> Transformer:
-    """Build on the meta device, then assign real tensors (no throwaway random init)."""
+                      rope_length: int | None = None, weights: str | None = None) -> Transformer:
+    """Build on the meta device, then assign real tensors (no throwaway random init).
+
+    weights: a format of `edge_readme.quant` (None: plain tensors in `dtype`); each weight is
+    converted as it is assigned, so at most one float copy of one tensor is alive at a time."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(c, rope_length)
     cos, sin = rope_tables(c.head_dim, rope_length or c.max_position, c.rope_theta, device, dtype)
-
-    def put(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-
-    model.embed = put(tensors["model.embed_tokens.weight"])
-    model.norm = put(tensors["model.norm.weight"])
-    if model.lm_head is not None:
-        model.lm_head = put(tensors["lm_head.weight"])
-    for i, b in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        b.attn_norm = put(tensors[p + "input_layernorm.weight"])
-        b.ffn_norm = put(tensors[p + "post_attention_layernorm.weight"])
-        b.attn.wqkv = put(torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-        b.attn.wo = put(tensors[p + "self_attn.o_proj.weight"])
-        ffn = b.ffn.shared if isinstance(b.ffn, MoEFFN) else b.ffn
-        mlp = p + ("mlp.shared." if isinstance(b.ffn, MoEFFN) else "mlp.")
-        ffn.w_gate_up = put(torch.cat([tensors[mlp + "gate_proj.weight"],
-                                       tensors[mlp + "up_proj.weight"]]))
-        ffn.w_down = put(tensors[mlp + "down_proj.weight"])
+    for path, name, make, role in weight_specs(c, tensors, weights):
+        t = make()
+        if weights is None or role == "norm":
+            w = t.to(device=device, dtype=dtype).contiguous()
+        else:
+            w = convert(t, weights, role, device)
+        _assign(model.get_submodule(path) if path else model, name, w)
     model.cos, model.sin = cos, sin
     return model

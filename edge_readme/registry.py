@@ -64,6 +64,9 @@ REGISTRY: dict[str, PackagedGGUF | DerivedModel] = {
     ),
 }
 DEFAULT_DENSE = "smollm2-135m"
+# How a derived model is stored; part of the build stamp, so a store built by an older
+# edge-readme (float16 experts) is rebuilt on the next pull or load.
+BUILD_FORMAT = "experts-q4/1"
 
 
 def home() -> Path:
@@ -95,7 +98,7 @@ def artifacts_digest(folder: Path | None = None) -> str:
     a build records in its refactor.json."""
     from importlib import resources
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(BUILD_FORMAT.encode())
     src = folder if folder is not None else resources.files("edge_readme") / "artifacts"
     for f in sorted(src.iterdir(), key=lambda f: f.name):
         if f.is_file() and not f.name.startswith("."):

@@ -9,19 +9,20 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from . import quant
 from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
 from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel
-from .model import Int8Weight, KVCache, build_transformer
+from .model import KVCache, build_transformer, spec_shape, weight_specs
+from .quant import experts as qexperts
 
 Key = tuple[int, int]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -42,7 +43,8 @@ class RuntimeOptions:
     cold: bool = False
     threads: int | None = None
     prefill_chunk: int = 256
-    quantize: str | None = None  # "int8": weight-only int8 for resident projections (CPU)
+    weights: str | None = None  # q4, q8, bf16, f16, f32 (None: --dtype's, else per device)
+    quantize: str | None = None  # "int8": the old spelling of weights="q8"
 
 
 @dataclass
@@ -76,17 +78,41 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str | None, device: torch.device, quantize: str | None = None) -> torch.dtype:
-    if name is None:
-        if device.type != "cpu":
-            return torch.float16
-        return torch.bfloat16 if quantize == "int8" else torch.float32  # int8 kernel wants bf16
-    if name not in DTYPES:
-        raise EdgeReadmeError(f"--dtype: unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return DTYPES[name]
+    return pick_format(RuntimeOptions(dtype=name, quantize=quantize), device)[1]
 
 
-# the tensors Transformer.quantize_int8 converts: projections, embedding and head
-_INT8_NAMES = re.compile(r"(proj\.weight|embed_tokens\.weight|lm_head\.weight)$")
+def pick_format(o: RuntimeOptions, device: torch.device) -> tuple[str, torch.dtype]:
+    """(weight format, compute dtype) from --weights, or the older --dtype / --quantize."""
+    if o.dtype is not None and o.dtype not in DTYPES:
+        raise EdgeReadmeError(f"--dtype: unknown dtype {o.dtype!r}; use float32, bfloat16 or "
+                              "float16")
+    if o.quantize not in (None, "int8"):
+        raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
+    if o.weights is not None:
+        fmt = quant.parse_format(o.weights)
+    elif o.quantize == "int8":
+        fmt = "q8"
+    elif o.dtype is not None:
+        fmt = quant.parse_format(o.dtype)
+    else:
+        fmt = quant.default_format(device)
+    if o.dtype is not None and (o.weights is not None or o.quantize):
+        if fmt in ("q4", "q8") or quant.parse_format(o.dtype) != fmt:
+            raise EdgeReadmeError(f"--dtype {o.dtype} conflicts with --weights {fmt}: q4 and q8 "
+                                  "pick their own activation dtype, and a float format is its "
+                                  "own dtype; pass only --weights")
+    quant.check_device(fmt, device)
+    return fmt, quant.compute_dtype(fmt, device)
+
+
+def expert_slot(manifest, fmt: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
+    """('q4' | 'float', bytes per slot): q4 experts stay 4-bit in CPU slots for the quantized
+    formats; otherwise slots hold floats in the compute dtype (q4 files are dequantized on fill)."""
+    if manifest.expert_format == "q4" and fmt in ("q4", "q8") and device.type == "cpu":
+        lay = qexperts.Layout(manifest.max_rows, manifest.hidden_size)
+        sz_bytes = lay.scale_zero_numel() * quant.act_dtype(fmt, device).itemsize
+        return "q4", align_up(lay.nbytes) + align_up(sz_bytes)
+    return "float", align_up(3 * manifest.max_rows * manifest.hidden_size * dtype.itemsize)
 
 
 def context_limit(c: ModelConfig, asked: int) -> int:
@@ -95,27 +121,36 @@ def context_limit(c: ModelConfig, asked: int) -> int:
 
 
 def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
-             dtype: torch.dtype, context_length: int) -> MemoryPlan:
+             dtype: torch.dtype, context_length: int, fmt: str | None = None) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
     c, item = loaded.config, dtype.itemsize
+    fmt = fmt or pick_format(o, device)[0]
     dense_bytes = 2 * context_length * c.head_dim * item  # rope tables
-    for name, t in loaded.tensors.items():
-        if name.startswith("router."):
-            dense_bytes += t.numel() * 4  # the router stays float32
-        elif o.quantize == "int8" and _INT8_NAMES.search(name) and Int8Weight.eligible(t.shape):
-            dense_bytes += t.numel() + t.shape[0] * item  # int8 rows + a scale per row
+    for path, name, make, role in weight_specs(c, loaded.tensors, fmt):
+        shape = spec_shape(c, loaded.tensors, path, name, fmt)
+        if role == "norm":
+            dense_bytes += shape[0] * item
         else:
-            dense_bytes += t.numel() * item
-    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * item
+            four = role == "down" and quant.four_bit(fmt, make(), role)
+            dense_bytes += quant.planned_nbytes(fmt, shape, role, device, four)
+    dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items()
+                       if n.startswith("router."))  # the router stays float32
+    if c.moe is not None:  # its rope tables and its keys/values for the context
+        r = c.moe.router
+        dense_bytes += 2 * r.max_position * (r.dim // r.num_heads) * 4
+        dense_bytes += 2 * r.num_layers * context_length * r.dim * 4
+    kv_item = quant.kv_dtype(fmt, device).itemsize
+    kv_bytes = 2 * c.num_layers * c.num_kv_heads * context_length * c.head_dim * kv_item
     chunk = min(o.prefill_chunk, context_length)
     width = c.hidden_size * 4 + c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size
     scratch = chunk * width * item + c.num_heads * chunk * context_length * 4  # activations
     scratch += c.vocab_size * 4 * 2  # last logits, sampling
     slot_bytes, keys = 0, 0
     if manifest is not None:
-        slot_bytes = align_up(3 * manifest.max_rows * manifest.hidden_size * item)
+        form, slot_bytes = expert_slot(manifest, fmt, device, dtype)
         keys = len(manifest.entries)
-        scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
+        if form == "float" or device.type != "cpu":
+            scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
     budget = o.memory_budget
     if isinstance(budget, str):
         budget = parse_budget(budget) if budget != "auto" else None
@@ -137,12 +172,12 @@ def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
     kw = {k: v for k, v in engine_kwargs.items() if k in RuntimeOptions.__dataclass_fields__}
     o = RuntimeOptions(**kw)
     device = pick_device(o.device)
-    dtype = pick_dtype(o.dtype, device, o.quantize)
+    fmt, dtype = pick_format(o, device)
     ctx = context_limit(loaded.config, o.context_length)
     manifest = read_manifest(loaded.path) if loaded.config.moe is not None else None
-    plan = plan_for(loaded, manifest, o, device, dtype, ctx)
+    plan = plan_for(loaded, manifest, o, device, dtype, ctx, fmt)
     d = plan.to_json()
-    d.update({"model": str(loaded.path), "device": str(device),
+    d.update({"model": str(loaded.path), "device": str(device), "weights": fmt,
               "dtype": str(dtype).replace("torch.", ""), "context_length": ctx,
               "expert_keys": len(manifest.entries) if manifest else 0})
     return d
@@ -156,12 +191,7 @@ class Runtime:
         if o.threads:
             torch.set_num_threads(o.threads)
         self.device = pick_device(o.device)
-        if o.quantize not in (None, "int8"):
-            raise EdgeReadmeError(f"--quantize: unknown {o.quantize!r}; the choice is int8")
-        if o.quantize and self.device.type != "cpu":
-            raise EdgeReadmeError("--quantize int8 runs on the CPU only; drop it on "
-                                  f"{self.device.type}, where float16 weights are fast")
-        self.dtype = pick_dtype(o.dtype, self.device, o.quantize)
+        self.weights, self.dtype = pick_format(o, self.device)
         self.context_length = context_limit(self.config, o.context_length)
         if self.context_length < 2:
             raise EdgeReadmeError(f"--context-length: expected >= 2, got {o.context_length}")
@@ -182,15 +212,15 @@ class Runtime:
         c, o = self.config, self.options
         self.manifest = read_manifest(loaded.path) if c.moe is not None else None
         self.plan = plan_for(loaded, self.manifest, o, self.device, self.dtype,
-                             self.context_length)
+                             self.context_length, self.weights)
         progress = on_progress or (lambda stage, frac: None)
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
-                                       rope_length=self.context_length)
-        if o.quantize == "int8":
-            self.model.quantize_int8()
-        self.kv = KVCache(c, self.context_length, device=self.device, dtype=self.dtype)
+                                       rope_length=self.context_length, weights=self.weights)
+        self.kv = KVCache(c, self.context_length, device=self.device,
+                          dtype=quant.kv_dtype(self.weights, self.device))
         self.router = self.router_cache = self.cache = self.prefetcher = None
+        self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
         progress("weights", 1.0)
@@ -207,7 +237,9 @@ class Runtime:
         store = self._stack.enter_context(ExpertStore(m, verify=o.verify, cold=o.cold))
         self.cache = self._stack.enter_context(
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
-                        policy=o.policy))
+                        policy=o.policy,
+                        form=expert_slot(m, self.weights, self.device, self.dtype)[0],
+                        kernel_dtype=quant.act_dtype(self.weights, self.device)))
         self.model.attach_experts(self.cache)
         self.prefetcher = self._stack.enter_context(
             Prefetcher(self.cache, enabled=o.prefetch))
@@ -218,6 +250,8 @@ class Runtime:
                     pass
                 progress("experts", (i + 1) / len(keys))
             self.cache.reset_stats()
+            # all resident: no loads, evictions, prefetches or speculation from here on
+            self.all_resident = self.cache.freeze()
 
     def close(self) -> None:
         self._stack.close()
@@ -266,7 +300,7 @@ class Runtime:
             stats.speculations += 1
             stats.speculations_right += int(torch.equal(self._spec_guess, self.routes[pos]))
             self._spec_guess = None
-        if self.router is not None and self.options.speculate:
+        if self.router is not None and self.options.speculate and not self.all_resident:
             self._speculate(logits)
         stats.decode_tokens += 1
         stats.decode_seconds += time.perf_counter() - start
@@ -303,6 +337,9 @@ class Runtime:
         """
         cache = self.cache
         last = route[-1].tolist()
+        if self.all_resident:  # nothing to plan: every expert stays in its slot
+            return [[e] for e in last] if route.shape[0] == 1 else \
+                [torch.unique(route[:, layer]).tolist() for layer in range(route.shape[1])]
         likely_next = list(enumerate(last))
         if route.shape[0] == 1:  # decode: the path is the future, one expert per layer
             cache.lookahead.clear()
@@ -365,6 +402,7 @@ class Runtime:
         if self.router is not None:
             total += sum(p.nbytes for p in self.router.parameters())
             total += sum(b.nbytes for b in self.router.buffers())
+            total += sum(b.nbytes for b in self.router_cache.buffers())
         if self.cache is not None:
             total += self.cache.block.nbytes
         return total

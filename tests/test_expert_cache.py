@@ -20,9 +20,10 @@ def _open(tmp_path, file_dtype=torch.bfloat16, **kwargs):
 
 def _check(weights, expected, dtype):
     want = expected.to(dtype)
-    assert torch.equal(weights.gate, want[0])
-    assert torch.equal(weights.up, want[1])
-    assert torch.equal(weights.down_t, want[2])
+    rows = want.shape[1]
+    assert torch.equal(weights.gate_up[:rows], want[0])
+    assert torch.equal(weights.gate_up[rows:], want[1])
+    assert torch.equal(weights.down.t(), want[2])
 
 
 def _in_block(cache, t):
@@ -46,7 +47,7 @@ def test_acquire_is_exact_under_every_policy(tmp_path, policy, slots, file_dtype
     for key in trace:
         with cache.get(*key) as w:
             _check(w, experts[key], dtype)
-            assert _in_block(cache, w.gate) and _in_block(cache, w.down_t)
+            assert _in_block(cache, w.gate_up) and _in_block(cache, w.down)
         cache.lookahead.advance(key)
         ptrs.add(cache.block.untyped_storage().data_ptr())
     assert len(ptrs) == 1
@@ -159,7 +160,7 @@ def test_slot_layout_is_preallocated(tmp_path):
     assert cache.block.shape == (3, cache.slot_bytes // 4)
     assert cache.block.data_ptr() % 4096 == 0
     w = cache.acquire(1, 1)
-    assert w.gate.untyped_storage().data_ptr() == cache.block.untyped_storage().data_ptr()
+    assert w.gate_up.untyped_storage().data_ptr() == cache.block.untyped_storage().data_ptr()
     cache.release(1, 1)
     with pytest.raises(BudgetError, match="at least 1"):
         ExpertCache(store, manifest, 0, "cpu", torch.float32, "lru")

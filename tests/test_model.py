@@ -52,31 +52,60 @@ def test_sampling_params_reject_nonsense(kw):
         SamplingParams(**kw)
 
 
-def test_int8_weights_track_bfloat16():
-    from edge_readme.model import Int8Weight
+def _snap_q4_1(t: dict) -> dict:
+    """The projections as a Q4_1 GGUF holds them (dequantized), as a real 4-bit model is."""
+    import gguf
+
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    return {k: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), q41), q41)
+                                .copy()).view(v.shape) if k.endswith("proj.weight") else v
+            for k, v in t.items()}
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_weights_track_float32(fmt):
+    from edge_readme.quant import Q4Weight, Q8Weight
 
     c = tiny_config()
     t = tiny_tensors(c)
+    if fmt == "q4":
+        t = _snap_q4_1(t)  # q4 keeps a 4-bit model's values: only the embedding is rounded
     ids = torch.arange(12)
     with torch.inference_mode():
-        ref = build_transformer(c, t, "cpu", torch.bfloat16, 32)
-        q = build_transformer(c, t, "cpu", torch.bfloat16, 32)
-        q.quantize_int8()
-        assert isinstance(q.layers[0].attn.wqkv, Int8Weight)
-        assert q.weight_bytes() < 0.6 * ref.weight_bytes()
-        a = ref(ids, KVCache(c, 32, dtype=torch.bfloat16), 0, all_logits=True).float()
-        b = q(ids, KVCache(c, 32, dtype=torch.bfloat16), 0, all_logits=True).float()
+        ref = build_transformer(c, t, "cpu", torch.float32, 32, weights="f32")
+        q = build_transformer(c, t, "cpu", torch.float32, 32, weights=fmt)
+        kind = Q4Weight if fmt == "q4" else Q8Weight
+        assert isinstance(q.layers[0].attn.wqkv, kind)
+        assert q.weight_bytes() < 0.45 * ref.weight_bytes()
+        a = ref(ids, KVCache(c, 32), 0, all_logits=True)
+        b = q(ids, KVCache(c, 32), 0, all_logits=True)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98
 
 
-def test_int8_skips_widths_the_kernel_cannot_take():
-    from edge_readme.model import Int8Weight
+def test_q4_keeps_a_4bit_matrix_exactly():
+    from edge_readme.quant import Q4Weight
+
+    c = tiny_config()
+    t = _snap_q4_1(tiny_tensors(c))
+    mlp = "model.layers.0.mlp."
+    w = torch.cat([t[mlp + "gate_proj.weight"], t[mlp + "up_proj.weight"]])
+    q = Q4Weight.quantize(w)
+    assert torch.equal(q.dequantize(), w)
+    x = torch.randn(3, w.shape[1])
+    assert torch.allclose(q(x), x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_formats_pad_widths_the_kernels_cannot_take():
+    from edge_readme.quant import Q8Weight
 
     c = tiny_config(intermediate_size=100)  # down_proj input width 100: not a multiple of 32
-    model = build_transformer(c, tiny_tensors(c), "cpu", torch.bfloat16, 32)
-    model.quantize_int8()
+    t = tiny_tensors(c)
+    model = build_transformer(c, t, "cpu", torch.float32, 32, weights="q8")
     ffn = model.layers[0].ffn
-    assert isinstance(ffn.w_gate_up, Int8Weight) and not isinstance(ffn.w_down, Int8Weight)
+    assert isinstance(ffn.w_down, Q8Weight) and ffn.w_down.shape == (c.hidden_size, 128)
+    ref = build_transformer(c, t, "cpu", torch.float32, 32, weights="f32")
     with torch.inference_mode():
-        model(torch.arange(9), KVCache(c, 32, dtype=torch.bfloat16), 0)  # a batch: no crash
+        a = model(torch.arange(9), KVCache(c, 32), 0)  # a batch: no crash
+        b = ref(torch.arange(9), KVCache(c, 32), 0)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.95

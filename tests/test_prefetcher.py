@@ -37,8 +37,8 @@ def setup(tmp_path):
 
 
 def _check(weights, expected):
-    assert torch.equal(weights.gate, expected[0].float())
-    assert torch.equal(weights.down_t, expected[2].float())
+    assert torch.equal(weights.gate_up[: expected.shape[1]], expected[0].float())
+    assert torch.equal(weights.down.t(), expected[2].float())
 
 
 def test_loads_in_submitted_order(setup):

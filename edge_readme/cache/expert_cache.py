@@ -25,6 +25,7 @@ from edge_readme.cache.store import ExpertStore, aligned_empty
 from edge_readme.errors import BudgetError
 from edge_readme.experts_format import ExpertManifest, align_up
 from edge_readme.model import ExpertWeights
+from edge_readme.quant import experts as qexperts
 
 Key = tuple[int, int]
 NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load
@@ -74,6 +75,8 @@ class ExpertCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         policy: str = "lru",
+        form: str = "float",
+        kernel_dtype: torch.dtype = torch.float32,
     ):
         if num_slots < 1:
             raise BudgetError(
@@ -82,6 +85,10 @@ class ExpertCache:
             )
         self.store, self.manifest = store, manifest
         self.device, self.dtype = torch.device(device), dtype
+        if form == "q4" and (manifest.expert_format != "q4" or self.device.type != "cpu"):
+            raise ValueError("q4 slots hold q4 experts on the CPU only")
+        self.form = form  # "q4": int4 blobs + kernel scales; "float": [3, rows, D] in dtype
+        self.kernel_dtype = kernel_dtype  # q4: the int4 kernel's scale and activation dtype
         self.policy_name = policy
         self._policy = make_policy(policy)
         self.lookahead = Lookahead()
@@ -102,22 +109,32 @@ class ExpertCache:
         self._free = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self._weights: list[ExpertWeights | None] = [None] * self.num_slots
         self._resident_bytes = 0
+        self._frozen: dict[Key, ExpertWeights] | None = None
 
     # ---- allocation (the only place that allocates) ------------------------------------------
 
     def _allocate(self) -> None:
         m, cuda = self.manifest, self.device.type == "cuda"
-        self.slot_bytes = align_up(3 * m.max_rows * m.hidden_size * self.dtype.itemsize)
-        slot_elems = self.slot_bytes // self.dtype.itemsize
-        if self.device.type == "cpu":
+        if self.form == "q4":
+            lay = qexperts.Layout(m.max_rows, m.hidden_size)
+            self._sz_offset = align_up(lay.nbytes)  # kernel scales sit after the blob
+            sz_bytes = lay.scale_zero_numel() * self.kernel_dtype.itemsize
+            self.slot_bytes = self._sz_offset + align_up(sz_bytes)
             self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
-            self._slots = self._block_bytes.view(self.dtype).view(self.num_slots, slot_elems)
+            self._slots = self._block_bytes.view(self.num_slots, self.slot_bytes)
         else:
-            self._block_bytes = None
-            self._slots = torch.empty(
-                self.num_slots, slot_elems, dtype=self.dtype, device=self.device
-            )
-        self._direct = self.device.type == "cpu" and m.dtype == self.dtype
+            self.slot_bytes = align_up(3 * m.max_rows * m.hidden_size * self.dtype.itemsize)
+            slot_elems = self.slot_bytes // self.dtype.itemsize
+            if self.device.type == "cpu":
+                self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
+                self._slots = self._block_bytes.view(self.dtype).view(self.num_slots, slot_elems)
+            else:
+                self._block_bytes = None
+                self._slots = torch.empty(
+                    self.num_slots, slot_elems, dtype=self.dtype, device=self.device
+                )
+        self._direct = self.device.type == "cpu" and (
+            self.form == "q4" or (m.expert_format == "float" and m.dtype == self.dtype))
         self._staging: queue.Queue[_Staging] = queue.Queue()
         if not self._direct:
             for _ in range(NUM_STAGING):
@@ -131,9 +148,8 @@ class ExpertCache:
         m = self.manifest
         host = aligned_empty(ExpertStore.buffer_bytes(m), pin_memory=cuda)
         device = None
-        if self.device.type != "cpu" and m.dtype != self.dtype:
-            elems = 3 * m.max_rows * m.hidden_size
-            device = torch.empty(elems, dtype=m.dtype, device=self.device)
+        if self.device.type != "cpu" and (m.dtype != self.dtype or m.expert_format == "q4"):
+            device = torch.empty(m.max_length, dtype=torch.uint8, device=self.device)
         return _Staging(host, device, torch.cuda.Event() if cuda else None)
 
     @property
@@ -188,13 +204,33 @@ class ExpertCache:
                     torch.cuda.current_stream(self.device)
                 )
 
+    def get(self, layer: int, expert: int) -> contextlib.AbstractContextManager[ExpertWeights]:
+        """`with cache.get(l, e) as w:` the expert, resident (and pinned) inside the block."""
+        frozen = self._frozen
+        if frozen is not None:  # every expert resident for good: no lock, pin or policy
+            self.stats.hits += 1
+            if self.trace is not None:
+                self.trace.append((self.step, layer, expert))
+            return contextlib.nullcontext(frozen[(layer, expert)])
+        return self._pinned(layer, expert)
+
     @contextlib.contextmanager
-    def get(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
+    def _pinned(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
         weights = self.acquire(layer, expert)
         try:
             yield weights
         finally:
             self.release(layer, expert)
+
+    def freeze(self) -> bool:
+        """Once every expert is resident (a slot each), serve them without bookkeeping: nothing
+        can be evicted any more. Returns whether the cache is frozen."""
+        with self._cond:
+            keys = self.manifest.keys()
+            if self._loading or any(k not in self._key_slot for k in keys):
+                return False
+            self._frozen = {k: self._weights[self._key_slot[k]] for k in keys}
+            return True
 
     # ---- the prefetcher's side ----------------------------------------------------------------
 
@@ -313,6 +349,9 @@ class ExpertCache:
 
     def _expert_bytes(self, key: Key) -> int:
         rows = self.manifest.entry(*key).rows
+        if self.form == "q4":
+            lay = qexperts.Layout(rows, self.manifest.hidden_size)
+            return lay.nbytes + lay.scale_zero_numel() * self.kernel_dtype.itemsize
         return 3 * rows * self.manifest.hidden_size * self.dtype.itemsize
 
     # ---- loading (no lock held during I/O) ----------------------------------------------------
@@ -341,9 +380,16 @@ class ExpertCache:
             self._cond.notify_all()
 
     def _views(self, key: Key, slot: int) -> ExpertWeights:
+        """Weights over the slot's memory, valid until the expert is evicted."""
         rows, hidden = self.manifest.entry(*key).rows, self.manifest.hidden_size
+        if self.form == "q4":
+            lay = qexperts.Layout(rows, hidden)
+            views = lay.views(self._slots[slot, : lay.nbytes])
+            sz = self._slots[slot, self._sz_offset:].view(self.kernel_dtype)
+            gate_up, down = qexperts.weights(views, qexperts.scale_zero_into(views, sz))
+            return ExpertWeights(gate_up=gate_up, down=down)
         w = self._slots[slot, : 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]
-        return ExpertWeights(gate=w[0], up=w[1], down_t=w[2])  # views valid until release()
+        return ExpertWeights(gate_up=w[:2].view(2 * rows, hidden), down=w[2].t())
 
     def _fill(self, key: Key, slot: int) -> int:
         """Read the expert's bytes into the slot; return bytes read from the file."""
@@ -361,25 +407,31 @@ class ExpertCache:
             self._staging.put(staging)
 
     def _copy(self, staging: _Staging, nbytes: int, slot: int) -> None:
-        src = staging.host[:nbytes].view(self.manifest.dtype)  # [3 * rows * D], file dtype
-        dst = self._slots[slot, : src.numel()]
         if self._copy_stream is None:
-            self._cast_copy(staging, src, dst, non_blocking=False)
+            self._cast_copy(staging, nbytes, slot, non_blocking=False)
             return
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._free_events[slot])
-            self._cast_copy(staging, src, dst, non_blocking=True)
+            self._cast_copy(staging, nbytes, slot, non_blocking=True)
             self._ready_events[slot].record(self._copy_stream)
             staging.event.record(self._copy_stream)
 
-    @staticmethod
-    def _cast_copy(staging: _Staging, src, dst, non_blocking: bool) -> None:
-        if staging.device is None:
-            dst.copy_(src, non_blocking=non_blocking)
+    def _cast_copy(self, staging: _Staging, nbytes: int, slot: int, non_blocking: bool) -> None:
+        """File bytes in staging.host -> the slot in the compute dtype (q4 files dequantized)."""
+        m, src = self.manifest, staging.host[:nbytes]
+        if staging.device is not None:  # to the device first; cast or dequantize there
+            tmp = staging.device[:nbytes]
+            tmp.copy_(src, non_blocking=non_blocking)
+            src = tmp
+        if m.expert_format == "q4":
+            rows = qexperts.Layout.rows_of(nbytes, m.hidden_size)
+            gate_up, down = qexperts.dequantize(qexperts.Layout(rows, m.hidden_size).views(src))
+            dst = self._slots[slot, : 3 * rows * m.hidden_size].view(3, rows, m.hidden_size)
+            dst[:2].view(2 * rows, m.hidden_size).copy_(gate_up)
+            dst[2].copy_(down.t())
             return
-        tmp = staging.device[: src.numel()]  # cast on the device, into a preallocated buffer
-        tmp.copy_(src, non_blocking=non_blocking)
-        dst.copy_(tmp)
+        src = src.view(m.dtype)  # [3 * rows * D], file dtype
+        self._slots[slot, : src.numel()].copy_(src, non_blocking=non_blocking)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

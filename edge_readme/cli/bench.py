@@ -31,7 +31,10 @@ from .common import DEFAULT_MODEL, friendly
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Write the first cell's expert access trace as JSONL.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--weights", type=click.Choice(["q4", "q8", "bf16", "f16", "f32"]), default=None,
+              help="Weight format (default: q4 on CPU, f16 on GPU).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Older spelling of the float --weights formats.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--context-length", type=click.IntRange(16, 1 << 20), default=1024,
               show_default=True)
@@ -40,8 +43,8 @@ from .common import DEFAULT_MODEL, friendly
 @friendly
 def bench_command(model: str, prompts_file: str | None, budgets: str, policies: str, modes: str,
                   max_tokens: int, out_dir: str | None, trace_file: str | None, device: str,
-                  dtype: str | None, threads: int | None, context_length: int, cold: bool,
-                  quiet: bool) -> None:
+                  weights: str | None, dtype: str | None, threads: int | None,
+                  context_length: int, cold: bool, quiet: bool) -> None:
     """Sweep budgets x policies x lookahead; hit ratios against the offline optimum."""
     from .. import bench
     from ..cache.policies import POLICIES
@@ -53,7 +56,7 @@ def bench_command(model: str, prompts_file: str | None, budgets: str, policies: 
         prompts = bench.load_prompts(prompts_file, max_tokens)
     else:
         prompts = bench.builtin_prompts(max_tokens=max_tokens)
-    kw = {"device": device, "dtype": dtype, "threads": threads,
+    kw = {"device": device, "weights": weights, "dtype": dtype, "threads": threads,
           "context_length": context_length, "cold": cold}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -81,10 +81,14 @@ def model_options(fn: Callable) -> Callable:
                      default="belady", show_default=True, help="Expert cache eviction policy."),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--weights", type=click.Choice(["q4", "q8", "bf16", "f16", "f32"]),
+                     default=None,
+                     help="Weight format, held and computed: q4 (int4 group-wise; default on "
+                          "CPU), q8 (int8, CPU), bf16, f16 (default on GPU) or f32."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     default=None, help="Compute dtype (default: float32 on CPU, float16 on GPU)."),
+                     default=None, help="Older spelling of the float --weights formats."),
         click.option("--quantize", type=click.Choice(["int8"]), default=None,
-                     help="Int8 weight-only resident weights (CPU; about 2x faster decode)."),
+                     help="Older spelling of --weights q8."),
         click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="CPU threads for compute."),
         click.option("--context-length", type=click.IntRange(16, 1 << 20), default=2048,
@@ -100,8 +104,8 @@ def model_options(fn: Callable) -> Callable:
 
 
 def engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    out = {k: kw.pop(k) for k in ("memory_budget", "policy", "device", "dtype", "threads",
-                                  "context_length", "verify", "cold", "quantize")}
+    out = {k: kw.pop(k) for k in ("memory_budget", "policy", "device", "weights", "dtype",
+                                  "threads", "context_length", "verify", "cold", "quantize")}
     out["prefetch"] = not kw.pop("no_prefetch")
     if out["memory_budget"] is not None:
         from ..budget import parse_budget

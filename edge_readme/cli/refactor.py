@@ -33,6 +33,11 @@ from .common import friendly
 @click.option("--sequences-per-domain", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--router-steps", type=click.IntRange(0), default=400, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--expert-format", type=click.Choice(["auto", "q4", "f16", "bf16", "f32"]),
+              default="auto", show_default=True,
+              help="How experts and projections are stored: q4 (int4 group-wise, GGUF 4-bit "
+                   "values kept exactly), a float dtype, or auto (q4 where the hidden size is a "
+                   "multiple of 64, else f16).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
@@ -40,7 +45,7 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
                      active_fraction: float, allocation: str, recovery: str,
                      finetune_steps: int, routing: str,
                      seq_len: int, sequences_per_domain: int, router_steps: int, seed: int,
-                     force: bool, as_json: bool) -> None:
+                     expert_format: str, force: bool, as_json: bool) -> None:
     """Refactor the dense MODEL into a router-decoupled MoE folder OUT (Read-ME)."""
     from ..refactor.pipeline import refactor
     from ..registry import resolve
@@ -50,7 +55,7 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
                       finetune_steps=finetune_steps,
                       recovery=recovery, seq_len=seq_len,
                       sequences_per_domain=sequences_per_domain, seed=seed, force=force,
-                      routing=routing, router_steps=router_steps)
+                      routing=routing, router_steps=router_steps, expert_format=expert_format)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -68,10 +73,12 @@ def refactor_command(model: str, out: str, data: tuple[str, ...], experts: int |
 @click.option("--reference", default=None, help="The dense model to compare against.")
 @click.option("--seq-len", type=click.IntRange(16), default=256, show_default=True)
 @click.option("--sequences-per-domain", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--weights", type=click.Choice(["q4", "q8", "bf16", "f16", "f32"]), default=None,
+              help="Evaluate both models in this runtime weight format (default: float32).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def eval_command(model: str, data: tuple[str, ...], reference: str | None, seq_len: int,
-                 sequences_per_domain: int, as_json: bool) -> None:
+                 sequences_per_domain: int, weights: str | None, as_json: bool) -> None:
     """Per-domain held-out perplexity of a MoE MODEL, against a dense --reference."""
     import dataclasses
 
@@ -84,7 +91,7 @@ def eval_command(model: str, data: tuple[str, ...], reference: str | None, seq_l
         if data else None
     ref = resolve(reference) if reference else None
     report = evaluate(resolve(model), docs=docs, reference=ref, seq_len=seq_len,
-                      sequences_per_domain=sequences_per_domain)
+                      sequences_per_domain=sequences_per_domain, weights=weights)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from edge_readme.errors import DataError
+from edge_readme.experts_format import load_float_experts
 from edge_readme.loader import load_model
 from edge_readme.model import ExpertWeights, KVCache, Transformer, build_transformer
 from edge_readme.router import Router
@@ -37,7 +37,8 @@ class MemoryExperts:
     """An all-in-memory expert provider: {(layer, expert): [3, rows, D]}."""
 
     def __init__(self, experts: dict[tuple[int, int], torch.Tensor]):
-        self.w = {k: ExpertWeights(v[0], v[1], v[2]) for k, v in experts.items()}
+        self.w = {k: ExpertWeights(gate_up=v[:2].reshape(-1, v.shape[2]), down=v[2].t())
+                  for k, v in experts.items()}
 
     @contextmanager
     def get(self, layer: int, expert: int):
@@ -45,21 +46,16 @@ class MemoryExperts:
 
 
 def load_experts(folder: Path) -> dict[tuple[int, int], torch.Tensor]:
-    out = {}
-    with safe_open(str(folder / "experts.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            if name.startswith("layers."):
-                _, layer, _, expert = name.split(".")
-                out[(int(layer), int(expert))] = f.get_tensor(name).float()
-    return out
+    return load_float_experts(folder)
 
 
-def open_moe(folder: str | Path):
-    """(loaded model, runtime Transformer with experts attached, Router, Masks)."""
+def open_moe(folder: str | Path, weights: str | None = None):
+    """(loaded model, runtime Transformer with experts attached, Router, Masks). weights: the
+    resident weights' format (None: float32 as stored; experts are always float32 here)."""
     folder = Path(folder)
     loaded = load_model(folder)
     c = loaded.config
-    model = build_transformer(c, loaded.tensors, "cpu", torch.float32)
+    model = build_transformer(c, loaded.tensors, "cpu", torch.float32, weights=weights)
     model.attach_experts(MemoryExperts(load_experts(folder)))
     m = c.moe
     router = Router.from_tensors(m.router, m.num_experts, c.num_layers, m.routing, loaded.tensors)
@@ -69,8 +65,9 @@ def open_moe(folder: str | Path):
 
 
 @torch.no_grad()
-def seq_logits(model: Transformer, ids: torch.Tensor, route=None) -> torch.Tensor:
-    cache = KVCache(model.c, len(ids))
+def seq_logits(model: Transformer, ids: torch.Tensor, route=None,
+               kv_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    cache = KVCache(model.c, len(ids), dtype=kv_dtype)
     return model(ids, cache, 0, route=route, all_logits=True)  # [T, V]
 
 
@@ -94,9 +91,10 @@ def greedy(model: Transformer, ids: list[int], n: int, router: Router | None) ->
 
 def evaluate(moe_folder, docs=None, reference=None, seq_len: int = 256,
              sequences_per_domain: int = 4, gen_tokens: int = 16,
-             progress: bool = True) -> dict[str, Any]:
-    """docs: corpus Documents (default: the builtin held-out split); reference: dense model."""
-    loaded, model, router, masks = open_moe(moe_folder)
+             progress: bool = True, weights: str | None = None) -> dict[str, Any]:
+    """docs: corpus Documents (default: the builtin held-out split); reference: dense model.
+    weights: the runtime weight format of both models (None: float32 as stored)."""
+    loaded, model, router, masks = open_moe(moe_folder, weights)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
     docs = load_builtin("heldout") if docs is None else [d for d in docs if d.split == "heldout"]
     groups = {n: token_batches(g, tok.encode, seq_len, sequences_per_domain)
@@ -104,7 +102,8 @@ def evaluate(moe_folder, docs=None, reference=None, seq_len: int = 256,
     dense = None
     if reference is not None:
         ref = load_model(reference)
-        dense = build_transformer(ref.config, ref.tensors, "cpu", torch.float32)
+        dense = build_transformer(ref.config, ref.tensors, "cpu", torch.float32,
+                                  weights=weights)
         bb = fn.Backbone.create(ref.config, ref.tensors, seq_len)
     report: dict[str, Any] = {"domains": {}}
     hits, agree, total = 0, 0, 0

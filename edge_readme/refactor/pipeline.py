@@ -16,6 +16,7 @@ import torch
 
 from edge_readme.config import MoEConfig, RouterConfig
 from edge_readme.errors import DataError
+from edge_readme.experts_format import dtype_name
 from edge_readme.loader import load_model
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
@@ -128,7 +129,8 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
              recovery="refit", seq_len=256, sequences_per_domain=16, seed=0, device="cpu",
              force=False, progress=True, routing="global", router_steps=400,
              router_config: RouterConfig | None = None, cache_dir=None,
-             heldout_sequences=4, allocation="sensitivity", _on_done=None) -> dict[str, Any]:
+             heldout_sequences=4, allocation="sensitivity", expert_format="auto",
+             _on_done=None) -> dict[str, Any]:
     """Refactor the dense model at `model_path` into a MoE folder at `out`; returns a report.
 
     `allocation`: "sensitivity" spreads the active neurons over layers by their measured
@@ -136,6 +138,8 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     `active_fraction` of every layer."""
     out = Path(out)
     check_args(active_fraction, recovery, finetune_steps, experts, allocation)
+    if expert_format != "auto":
+        expert_format = dtype_name(expert_format)  # a bad --expert-format fails before the work
     check_target(out, force)
     docs = load_docs(data)
     torch.manual_seed(seed)
@@ -190,7 +194,8 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
     if train.is_main():
         write_moe_folder(out, config, bb, layers, router.state_tensors(), masks, tok,
                          loaded.chat_template, _provenance(report, seq_len, sequences_per_domain,
-                                                           seed, model_path), force)
+                                                           seed, model_path), force,
+                         expert_format=expert_format)
     return report
 
 

@@ -24,8 +24,10 @@ from safetensors.torch import save_file
 
 from edge_readme.config import ModelConfig
 from edge_readme.errors import DataError, EdgeReadmeError
-from edge_readme.experts_format import write_experts
+from edge_readme.experts_format import dtype_name, write_experts
 from edge_readme.fsutil import remove_orphans
+from edge_readme.quant import q4
+from edge_readme.quant.experts import supported as q4_supported
 
 from . import functional as fn
 from .masks import Masks
@@ -40,7 +42,9 @@ def check_target(out: Path, force: bool) -> None:
 
 
 def dense_part(bb: fn.Backbone, layers: list[fn.MoELayer], router_tensors: dict,
-               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+               dtype: torch.dtype, expert_format: str = "f16") -> dict[str, torch.Tensor]:
+    """The resident tensors. With q4 experts the projections are stored 4-bit too (`NAME.q4`,
+    `NAME.q4_scale`, `NAME.q4_min`), which keeps a GGUF's 4-bit values exactly."""
     out = {n: t for n, t in bb.tensors.items() if not any(s in n for s in DENSE_SKIP)}
     for i, layer in enumerate(layers):
         g, u, d_t = layer.shared
@@ -48,7 +52,14 @@ def dense_part(bb: fn.Backbone, layers: list[fn.MoELayer], router_tensors: dict,
         out.update({p + "gate_proj.weight": g, p + "up_proj.weight": u,
                     p + "down_proj.weight": d_t.t()})
     out.update(router_tensors)
-    return {n: t.detach().to(dtype).contiguous() for n, t in out.items()}
+    stored: dict[str, torch.Tensor] = {}
+    for n, t in out.items():
+        if expert_format == "q4" and n.endswith("_proj.weight") and t.dim() == 2 \
+                and t.shape[1] % q4.GROUP == 0:
+            stored.update({f"{n}.{k}": v for k, v in q4.encode_plain(t.detach()).items()})
+        else:
+            stored[n] = t.detach().to(dtype).contiguous()
+    return stored
 
 
 def expert_tensors(layers: list[fn.MoELayer]) -> dict[tuple[int, int], torch.Tensor]:
@@ -66,8 +77,15 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
                      layers: list[fn.MoELayer], router_tensors: dict[str, torch.Tensor],
                      masks: Masks, tokenizer, chat_template: str | None,
                      provenance: dict[str, Any], force: bool = False,
-                     dtype: torch.dtype = torch.float16) -> Path:
-    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer."""
+                     dtype: torch.dtype = torch.float16, expert_format: str = "auto") -> Path:
+    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer.
+
+    expert_format: "q4" (int4 experts and projections), a float dtype name for the experts
+    ("f16", "bf16", "f32"; other tensors are stored in `dtype`), or "auto": q4 where the hidden
+    size allows it (a multiple of 64), else float16."""
+    if expert_format == "auto":
+        expert_format = "q4" if q4_supported(config.hidden_size) else "f16"
+    expert_format = dtype_name(expert_format)
     out = Path(out)
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +96,7 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
     tmp.mkdir()
     try:
         _write_files(tmp, config, bb, layers, router_tensors, masks, tokenizer, chat_template,
-                     provenance, dtype)
+                     {**provenance, "expert_format": expert_format}, dtype, expert_format)
         _fsync_tree(tmp)
         _swap_in(tmp, out, force)
     except OSError as exc:
@@ -94,11 +112,11 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
 
 
 def _write_files(tmp: Path, config, bb, layers, router_tensors, masks, tokenizer,
-                 chat_template, provenance, dtype) -> None:
+                 chat_template, provenance, dtype, expert_format) -> None:
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    save_file(dense_part(bb, layers, router_tensors, dtype), str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    write_experts(tmp, expert_tensors(layers), dtype)
+    save_file(dense_part(bb, layers, router_tensors, dtype, expert_format),
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_experts(tmp, expert_tensors(layers), expert_format)
     save_file(masks.to_tensors(), str(tmp / "masks.safetensors"))
     tokenizer._tok.save(str(tmp / "tokenizer.json"))
     spec = tokenizer.spec
