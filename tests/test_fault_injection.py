@@ -71,7 +71,19 @@ def assert_clean(e: Engine) -> None:
 
 
 def assert_exact(e: Engine, reference) -> None:
-    assert [e.generate(p, max_tokens=10).token_ids for p in PROMPTS] == reference
+    got = []
+    for p in PROMPTS:
+        e.reset()  # a fresh prefix: see test_same_prompt_twice_keeps_its_tokens below
+        got.append(e.generate(p, max_tokens=10).token_ids)
+    assert got == reference
+
+
+@pytest.mark.xfail(strict=True, reason="found here: the prefix-reuse path gives other tokens "
+                   "for a prompt repeated after a 10-token answer (engine, not the faults)")
+def test_same_prompt_twice_keeps_its_tokens(moe):
+    with Engine.load(str(moe), device="cpu", context_length=128) as e:
+        first = e.generate(PROMPTS[0], max_tokens=10).token_ids
+        assert e.generate(PROMPTS[0], max_tokens=10).token_ids == first
 
 
 def test_eio_fails_the_request_with_a_typed_error(engine, reference):

@@ -5,7 +5,8 @@ Hypothesis applies structured mutations to real tiny files (GGUF metadata and te
 config.json, safetensors headers, shard indexes, tokenizer_config.json, experts.json). Each file
 is loaded (load_model, the tokenizer, the chat template, then Engine.load and one generated
 token; EDGE_README_FUZZ_ENGINE=0 skips the engine) by a worker subprocess whose address space is
-capped (RLIMIT_AS, `CASE_MIB` over its baseline); each answer must come within `CASE_SECONDS`. A hang, a crash, an untyped exception or
+capped (RLIMIT_AS, `CASE_MIB` over its baseline); each answer must come within `CASE_SECONDS`.
+A hang, a crash, an untyped exception or
 a MemoryError fails the test and prints the case.
 
 Examples per format: EDGE_README_FUZZ_EXAMPLES (default 600, about 90 s in all on 2 cores).
