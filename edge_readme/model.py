@@ -118,10 +118,14 @@ class Attention(nn.Module):
         self.wqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim, c.hidden_size),
                                  requires_grad=False)
         self.wo = nn.Parameter(torch.empty(c.hidden_size, c.q_dim), requires_grad=False)
+        self.bqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim), requires_grad=False) \
+            if c.attention_bias else None  # qwen2
 
     def forward(self, x, layer: int, cache: KVCache, pos: int, cos, sin, mask):
         c, T = self.c, x.shape[0]
         qkv = linear(x, self.wqkv)  # [T, q + 2kv]
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv
         q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
         q = apply_rope(q.view(T, c.num_heads, c.head_dim).transpose(0, 1), cos, sin)  # [H, T, hd]
         k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1), cos, sin)
@@ -279,6 +283,8 @@ def build_transformer(c: ModelConfig, tensors: dict[str, torch.Tensor], device, 
         b.ffn_norm = put(tensors[p + "post_attention_layernorm.weight"])
         b.attn.wqkv = put(torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
         b.attn.wo = put(tensors[p + "self_attn.o_proj.weight"])
+        if c.attention_bias:
+            b.attn.bqkv = put(torch.cat([tensors[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
         ffn = b.ffn.shared if isinstance(b.ffn, MoEFFN) else b.ffn
         mlp = p + ("mlp.shared." if isinstance(b.ffn, MoEFFN) else "mlp.")
         ffn.w_gate_up = put(torch.cat([tensors[mlp + "gate_proj.weight"],
