@@ -132,6 +132,12 @@ REGISTRY: dict[str, PackagedGGUF | PackagedParts | DerivedModel] = {
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         description="Qwen2.5-Coder-1.5B-Instruct, dense, GGUF Q4_K_M (1.1 GB, 22 packages)"),
+    "qwen2.5-coder-0.5b-readme": DerivedModel(
+        name="qwen2.5-coder-0.5b-readme",
+        base="qwen2.5-coder-0.5b",
+        description="Qwen2.5-Coder-0.5B refactored into a Read-ME MoE (code/docs/chat experts)",
+        artifacts="qwen2.5-coder-0.5b",
+    ),
 }
 DEFAULT_DENSE = "smollm2-135m"
 

@@ -29,14 +29,17 @@ from edge_readme.registry import resolve
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--sequences-per-domain", default=12, show_default=True)
 @click.option("--router-steps", default=400, show_default=True)
-def main(model, dest, domains, active_fraction, seq_len, sequences_per_domain, router_steps):
+@click.option("--allocation", type=click.Choice(["sensitivity", "uniform"]), default="uniform",
+              show_default=True, help="sensitivity probes every layer (L extra passes)")
+def main(model, dest, domains, active_fraction, seq_len, sequences_per_domain, router_steps,
+         allocation):
     gguf = resolve(model)
     names = [d for d in domains.split(",") if d]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="readme-artifacts-") as tmp:
         report = refactor(gguf, Path(tmp) / "moe", domains=names, active_fraction=active_fraction,
                           seq_len=seq_len, sequences_per_domain=sequences_per_domain,
-                          router_steps=router_steps)
+                          router_steps=router_steps, allocation=allocation)
         export_artifacts(Path(tmp) / "moe", gguf, Path(dest))
     meta_path = Path(dest) / META
     meta = json.loads(meta_path.read_text())
