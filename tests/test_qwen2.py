@@ -146,3 +146,15 @@ def test_moe_folder_keeps_biases(tmp_path):
     assert all(f"model.layers.{i}.self_attn.{n}_proj.bias" in part for i in range(3) for n in "qkv")
     d = json.loads(json.dumps(dataclasses.replace(c, moe=None).to_hf_dict()))
     assert ModelConfig.from_hf_dict(d).attention_bias
+
+
+def test_calibration_domain_subset():
+    """A coding model's refactoring keeps the code, docs and conversation domains only."""
+    from edge_readme.errors import DataError
+    from edge_readme.refactor.pipeline import load_docs
+
+    docs = load_docs(None, ["code", "docs", "conversation"])
+    assert {d.domain for d in docs} == {"code", "docs", "conversation"}
+    assert {d.split for d in docs} == {"train", "heldout"}
+    with pytest.raises(DataError, match=r"\['rust'\] are not in the data"):
+        load_docs(None, ["code", "rust"])

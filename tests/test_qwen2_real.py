@@ -37,6 +37,7 @@ TASKS = [
      "assert count_vowels('Hello World') == 3 and count_vowels('xyz') == 0 "
      "and count_vowels('AEIOU') == 5"),
 ]
+ONLY_CODE = " Reply with the code only."
 TOKENIZER_TEXTS = [
     "The capital of France is", "def f(x):\n    return x**2 + 12345",
     "<|im_start|>user\nhi<|im_end|>", "  multiple   spaces\n\n\ttab", "héllo wörld 日本語 🙂",
@@ -46,8 +47,9 @@ TOKENIZER_TEXTS = [
 
 
 def python_code(reply: str) -> str:
-    """The first fenced code block of a reply, or the whole reply."""
-    m = re.search(r"```(?:python|py)?\s*\n(.*?)```", reply, re.S)
+    """The first fenced code block of a reply (its closing fence may be cut by the stop
+    string), or the whole reply."""
+    m = re.search(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", reply, re.S)
     return m.group(1) if m else reply
 
 
@@ -60,8 +62,8 @@ def passes(reply: str, check: str) -> bool:
 def solve_all(engine: Engine) -> list[str]:
     failed = []
     for task, check in TASKS:
-        reply = engine.chat([{"role": "user", "content": task}], max_tokens=200,
-                            temperature=0.0).text
+        reply = engine.chat([{"role": "user", "content": task + ONLY_CODE}], max_tokens=200,
+                            temperature=0.0, stop=["\n```\n"]).text
         if not passes(reply, check):
             failed.append(f"{task!r} -> {reply!r}")
     return failed
