@@ -163,8 +163,10 @@ def is_present(name: str) -> bool:
     p, entry = local_path(name), REGISTRY[name]
     if isinstance(entry, (PackagedGGUF, PackagedParts)):
         return p.is_file() and _stamp(p).exists()
-    return (p / "config.json").is_file() and \
-        built_from_artifacts(p) == artifacts_digest(artifacts_folder(entry))
+    src = artifacts_folder(entry)
+    if src is not None and not src.is_dir():
+        return False  # its artifacts are not installed: pull says so
+    return (p / "config.json").is_file() and built_from_artifacts(p) == artifacts_digest(src)
 
 
 def artifacts_digest(folder: Path | None = None) -> str:
@@ -316,13 +318,16 @@ def _extract(wheel: Path, member: str, out: Path, progress: Progress | None) -> 
 
 
 def _build_derived(entry: DerivedModel, force: bool, progress: Progress | None) -> Path:
+    target, src = local_path(entry.name), artifacts_folder(entry)
+    if src is not None and not src.is_dir():
+        raise ModelFormatError(f"{src}: the artifacts {entry.name} is built from are not "
+                               "installed; reinstall edge-readme")
     base = pull(entry.base, progress=progress)
     from .refactor.build_default import build_default  # offline tool; imported only here
 
-    target = local_path(entry.name)
     # force, or a stale build (other artifacts): build_default swaps the new folder in atomically
     build_default(base, target, progress=progress, force=force or target.exists(),
-                  artifacts=artifacts_folder(entry))
+                  artifacts=src)
     return target
 
 

