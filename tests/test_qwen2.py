@@ -158,3 +158,46 @@ def test_calibration_domain_subset():
     assert {d.split for d in docs} == {"train", "heldout"}
     with pytest.raises(DataError, match=r"\['rust'\] are not in the data"):
         load_docs(None, ["code", "rust"])
+
+
+def test_refactored_qwen2_moe_runs_with_its_biases(tmp_path):
+    """Dense qwen2 -> Read-ME MoE folder -> runtime model: equal to the functional twin (which
+    adds the biases), and different from the same MoE with the biases dropped."""
+    from safetensors.torch import load_file, save_file
+
+    from edge_readme.config import RouterConfig
+    from edge_readme.refactor.evaluate import open_moe, seq_logits
+    from edge_readme.refactor.pipeline import refactor
+    from tests.tiny_models import write_refactor_fixture
+
+    root = write_refactor_fixture(tmp_path)
+    cfg_path = root / "dense" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_type"] = "qwen2"
+    cfg_path.write_text(json.dumps(cfg))
+    w = load_file(str(root / "dense" / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    for name in [n for n in w if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
+        w[name.replace(".weight", ".bias")] = torch.randn(w[name].shape[0], generator=g)
+    save_file(w, str(root / "dense" / "model.safetensors"))
+    refactor(root / "dense", tmp_path / "moe", data=[root / "data.jsonl"], seq_len=32,
+             sequences_per_domain=4, router_steps=10, cache_dir=root / "cache",
+             router_config=RouterConfig(dim=16, num_layers=1, num_heads=2, ffn_dim=32),
+             progress=False, recovery="none")
+    loaded, model, router, masks = open_moe(tmp_path / "moe")
+    assert loaded.config.architecture == "qwen2" and loaded.config.attention_bias
+    from edge_readme.refactor import functional as fn
+
+    dense = load_model(root / "dense")
+    ids = torch.randint(0, dense.config.vocab_size, (20,))
+    route = router.route(ids)
+
+    def twin(tensors):
+        bb = fn.Backbone.create(dense.config, tensors, 32)
+        layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(2)]
+        return fn.moe_forward(bb, layers, ids[None], route[None])[0]
+
+    got = seq_logits(model, ids, route)
+    torch.testing.assert_close(got, twin(dense.tensors), rtol=2e-2, atol=2e-2)
+    unbiased = twin({n: t for n, t in dense.tensors.items() if not n.endswith(".bias")})
+    assert (got - unbiased).abs().max() > 0.1
