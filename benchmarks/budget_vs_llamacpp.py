@@ -268,7 +268,12 @@ def main() -> int:
             kind, name = paths[system]
             cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads}
             t = time.time()
-            r = run_config(cfg, limit, no_cgroup is not None, a.timeout)
+            if kind == "dense" and float32_bytes(dense) > limit:
+                # loading dequantizes every weight first: the cgroup would kill it (measured once)
+                r = {"status": f"does not fit: float32 weights {float32_bytes(dense) / 2**30:.2f} "
+                               f"GiB > budget"}
+            else:
+                r = run_config(cfg, limit, no_cgroup is not None, a.timeout)
             row = {"system": system, "budget_pct": pct, "limit_bytes": limit, **r,
                    "wall_s": round(time.time() - t)}
             rows.append(row)
@@ -281,6 +286,12 @@ def main() -> int:
     if plot(rows, out.with_suffix(".png")):
         print(f"plot: {out.with_suffix('.png')}")
     return 0
+
+
+def float32_bytes(gguf: Path) -> int:
+    from edge_readme.gguf_file import GGUFFile
+
+    return 4 * sum(math.prod(t.shape) for t in GGUFFile(gguf).tensors)
 
 
 def _cpu() -> str:
