@@ -12,7 +12,9 @@ from typing import Any, Mapping
 from .errors import ModelFormatError
 from .validate import check_config, check_hf_config
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Qwen2 is Llama plus q/k/v biases; HF class names per architecture (for config.json round trips).
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
     moe: MoEConfig | None = None
+    architecture: str = "llama"
+    attention_bias: bool = False  # q/k/v projections carry a bias (qwen2)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -109,7 +113,7 @@ class ModelConfig:
             raise ModelFormatError(
                 f"{source}: model_type is {arch!r}; edge-readme runs "
                 f"{SUPPORTED_ARCHITECTURES} models. "
-                "Use a Llama-architecture model."
+                "Use a Llama- or Qwen2-architecture model."
             )
         check_hf_config(d, source)
         try:
@@ -133,6 +137,8 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 name=str(d.get("_name_or_path", "")),
                 moe=MoEConfig.from_dict(d["moe"]) if d.get("moe") else None,
+                architecture=arch,
+                attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
             ), source)
         except KeyError as e:
             raise ModelFormatError(f"{source}: missing field {e.args[0]!r}; "
@@ -142,8 +148,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": self.architecture,
+            "architectures": [HF_CLASSES[self.architecture]],
+            "attention_bias": self.attention_bias,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -169,7 +176,7 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelFormatError(
                 f"{source}: general.architecture is {arch!r}; edge-readme runs "
-                f"{SUPPORTED_ARCHITECTURES} models. Use a Llama-architecture GGUF."
+                f"{SUPPORTED_ARCHITECTURES} models. Use a Llama- or Qwen2-architecture GGUF."
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -201,4 +208,6 @@ class ModelConfig:
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
             name=str(f.get("general.name", "")),
+            architecture=arch,
+            attention_bias=arch == "qwen2",
         ), source)

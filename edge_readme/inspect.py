@@ -58,7 +58,7 @@ def describe(path: Path) -> dict[str, Any]:
         size[part] = size.get(part, 0) + nbytes
     d: dict[str, Any] = {
         "path": str(path),
-        "architecture": "llama" + (" (Read-ME MoE)" if config.moe else ""),
+        "architecture": config.architecture + (" (Read-ME MoE)" if config.moe else ""),
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "ffn_size": config.intermediate_size,

@@ -1,4 +1,4 @@
-"""Read Llama-architecture weights from a GGUF file or a Hugging Face folder.
+"""Read Llama- and Qwen2-architecture weights from a GGUF file or a Hugging Face folder.
 
 Weights come out as `(name, float32 tensor)` pairs under Hugging Face names, whatever the file held;
 GGUF's permuted q/k rows are put back in Hugging Face order. This module knows nothing about
@@ -32,6 +32,9 @@ GGUF_NAMES = {
     "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
     "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
@@ -155,7 +158,9 @@ def _load_gguf(path: Path) -> LoadedModel:
             raise ModelFormatError(f"{path}: tensor {t.name} is truncated or corrupt ({e}); "
                                    "download or export the file again") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))
-        if name.endswith("q_proj.weight"):
+        if config.architecture != "llama":
+            pass  # qwen2 GGUFs keep Hugging Face row order (llama.cpp rotates it NEOX-style)
+        elif name.endswith("q_proj.weight"):
             w = _unpermute(w, config.num_heads)
         elif name.endswith("k_proj.weight"):
             w = _unpermute(w, config.num_kv_heads)
@@ -316,6 +321,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (c.kv_dim, c.hidden_size),
             p + "self_attn.o_proj.weight": (c.hidden_size, c.q_dim),
         })
+        if c.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (c.q_dim,),
+                           p + "self_attn.k_proj.bias": (c.kv_dim,),
+                           p + "self_attn.v_proj.bias": (c.kv_dim,)})
         if c.moe is None:
             shapes.update({
                 p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),

@@ -102,10 +102,14 @@ class Attention(nn.Module):
         self.wqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim, c.hidden_size),
                                  requires_grad=False)
         self.wo = nn.Parameter(torch.empty(c.hidden_size, c.q_dim), requires_grad=False)
+        self.bqkv = nn.Parameter(torch.empty(c.q_dim + 2 * c.kv_dim), requires_grad=False) \
+            if c.attention_bias else None  # qwen2
 
     def forward(self, x, layer: int, cache: KVCache | list[Segment], pos: int, cos, sin, mask):
         c, T = self.c, x.shape[0]
         qkv = linear(x, self.wqkv)  # [T, q + 2kv]
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv
         q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
         q = apply_rope(q.view(T, c.num_heads, c.head_dim).transpose(0, 1), cos, sin)  # [H, T, hd]
         k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1), cos, sin)
@@ -307,6 +311,9 @@ def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str 
             (b + "attn", "wqkv", lambda p=p: torch.cat(
                 [tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), "proj"),
             (b + "attn", "wo", lambda p=p: tensors[p + "self_attn.o_proj.weight"], "proj"),
+            *([(b + "attn", "bqkv", lambda p=p: torch.cat(
+                [tensors[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]), "norm")]
+              if c.attention_bias else []),
             (ffn, "w_gate_up", lambda f=gate_up_down: f()[0], "proj"),
             (ffn, "w_down", lambda f=gate_up_down: f()[1], "down"),
         ]
@@ -320,6 +327,8 @@ def spec_shape(c: ModelConfig, tensors: dict[str, torch.Tensor], path: str, name
         return (c.vocab_size, c.hidden_size)
     if name in ("norm", "attn_norm", "ffn_norm"):
         return (c.hidden_size,)
+    if name == "bqkv":
+        return (c.q_dim + 2 * c.kv_dim,)
     if name == "wqkv":
         return (c.q_dim + 2 * c.kv_dim, c.hidden_size)
     if name == "wo":

@@ -134,10 +134,11 @@ def _byte_level_bpe(spec: TokenizerSpec):
     split = pre_tokenizers.Split(gpt2, behavior="isolated")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     steps = [split, byte_level]
-    if spec.pre in ("smollm", "starcoder", "refact", "qwen2", "deepseek-llm"):
+    if spec.pre in ("smollm", "starcoder", "refact", "deepseek-llm"):
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    elif spec.pre in ("llama3", "llama-bpe"):
-        llama3 = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    elif spec.pre in ("llama3", "llama-bpe", "qwen2"):
+        digits = r"\p{N}" if spec.pre == "qwen2" else r"\p{N}{1,3}"  # qwen2: one digit a piece
+        llama3 = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
         steps = [pre_tokenizers.Split(llama3, behavior="isolated"), byte_level]
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)

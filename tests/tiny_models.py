@@ -99,6 +99,8 @@ GGUF_OF = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
 }
 
@@ -135,7 +137,9 @@ def write_gguf(path: Path, c: ModelConfig, tensors: dict[str, torch.Tensor],
             gname = f"blk.{i}.{GGUF_OF[rest]}"
         else:
             gname = GGUF_OF[name]
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass  # qwen2 GGUFs keep Hugging Face row order
+        elif name.endswith("q_proj.weight"):
             t = _permute(t, c.num_heads)
         elif name.endswith("k_proj.weight"):
             t = _permute(t, c.num_kv_heads)

@@ -70,14 +70,16 @@ def step_seconds(bb, layers, router, expert_seqs) -> float:
 @click.option("--eval-sequences", default=16, help="held-out sequences per domain evaluated")
 @click.option("--eval-offset", default=4, help="held-out sequences skipped first: the first 4 "
               "(what `edge-readme eval` reads by default) chose the allocation exponent and ridge")
+@click.option("--domains", default="", help="comma-separated builtin domains to keep (default: "
+              "all), one expert each")
 @click.option("--eval-dtype", type=click.Choice(["fast", "float32"]), default="fast",
               help="dtype of the evaluation forwards (fast: bfloat16 where the CPU has it)")
 def main(model, fractions, seq_len, per_domain, router_steps, routing, allocation, ridge,
-         finetune_steps, finetune_minutes, eval_sequences, eval_offset, eval_dtype):
+         finetune_steps, finetune_minutes, eval_sequences, eval_offset, domains, eval_dtype):
     torch.manual_seed(0)
     loaded = load_model(model)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
-    docs = load_docs(None)
+    docs = load_docs(None, [d for d in domains.split(",") if d] or None)
     cal = tokenize(docs, tok.encode, seq_len, per_domain, eval_offset + eval_sequences)
     cal.heldout = {n: v[eval_offset:] for n, v in cal.heldout.items() if len(v) > eval_offset}
     bb = fn.Backbone.create(loaded.config, loaded.tensors, seq_len)

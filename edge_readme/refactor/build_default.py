@@ -80,7 +80,8 @@ def build_default(gguf_path, out_folder, progress=None, force: bool = False,
     masks = Masks.from_tensors(load_file(str(src / MASKS)), c.num_layers, moe.num_experts)
     router = _router(src, moe.router, moe, c.num_layers, dense.tensors)
     tok = Tokenizer(dense.tokenizer, dense.chat_template)
-    cal = tokenize(load_docs(None), tok.encode, prov["seq_len"], prov["sequences_per_domain"], 0)
+    docs = load_docs(None, prov.get("calibration_domains"))  # None: every builtin domain
+    cal = tokenize(docs, tok.encode, prov["seq_len"], prov["sequences_per_domain"], 0)
     bb = fn.Backbone.create(c, dense.tensors, prov["seq_len"])
     layers = [fn.slice_layer(bb, i, masks.shared[i], masks.experts[i]) for i in range(c.num_layers)]
     seqs = cal.train_tensor()

@@ -35,6 +35,9 @@ class Backbone:
     def w(self, layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"model.layers.{layer}.{name}.weight"]
 
+    def b(self, layer: int, name: str) -> torch.Tensor | None:
+        return self.tensors.get(f"model.layers.{layer}.{name}.bias")  # qwen2's q/k/v
+
     @property
     def dtype(self) -> torch.dtype:
         return self.cos.dtype
@@ -74,9 +77,10 @@ def attention_block(bb: Backbone, layer: int, x: torch.Tensor) -> torch.Tensor:
     """x: [B, T, D] residual stream -> residual after attention."""
     c, (B, T, _) = bb.config, x.shape
     h = F.rms_norm(x, x.shape[-1:], bb.w(layer, "input_layernorm"), c.rms_eps)
-    q = F.linear(h, bb.w(layer, "self_attn.q_proj")).view(B, T, c.num_heads, c.head_dim)
-    k = F.linear(h, bb.w(layer, "self_attn.k_proj")).view(B, T, c.num_kv_heads, c.head_dim)
-    v = F.linear(h, bb.w(layer, "self_attn.v_proj")).view(B, T, c.num_kv_heads, c.head_dim)
+    q, k, v = (F.linear(h, bb.w(layer, f"self_attn.{n}_proj"), bb.b(layer, f"self_attn.{n}_proj"))
+               for n in "qkv")
+    q = q.view(B, T, c.num_heads, c.head_dim)
+    k, v = k.view(B, T, c.num_kv_heads, c.head_dim), v.view(B, T, c.num_kv_heads, c.head_dim)
     cos, sin = bb.cos[:T], bb.sin[:T]
     q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, hd]
     k = apply_rope(k.transpose(1, 2), cos, sin)

@@ -49,8 +49,17 @@ class Calibration:
         return torch.tensor(seqs, dtype=torch.long)
 
 
-def load_docs(data: Sequence[str | os.PathLike] | None):
-    return load_builtin() if data is None else load_user_data(list(data))
+def load_docs(data: Sequence[str | os.PathLike] | None, domains: Sequence[str] | None = None):
+    """The builtin corpus (or the user's files); `domains` keeps only those domains."""
+    docs = load_builtin() if data is None else load_user_data(list(data))
+    if not domains:
+        return docs
+    have = {d.domain for d in docs}
+    unknown = [d for d in domains if d not in have]
+    if unknown:
+        raise DataError(f"calibration domains {unknown} are not in the data; it has "
+                        f"{sorted(have)}")
+    return [d for d in docs if d.domain in set(domains)]
 
 
 def tokenize(docs, encode, seq_len: int, per_domain: int, heldout_per_domain: int) -> Calibration:
@@ -129,19 +138,20 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
              recovery="refit", seq_len=256, sequences_per_domain=16, seed=0, device="cpu",
              force=False, progress=True, routing="global", router_steps=400,
              router_config: RouterConfig | None = None, cache_dir=None,
-             heldout_sequences=4, allocation="sensitivity", expert_format="auto",
+             heldout_sequences=4, allocation="sensitivity", domains=None, expert_format="auto",
              _on_done=None) -> dict[str, Any]:
     """Refactor the dense model at `model_path` into a MoE folder at `out`; returns a report.
 
     `allocation`: "sensitivity" spreads the active neurons over layers by their measured
     fragility (allocate.py; the mean per layer stays `active_fraction`), "uniform" keeps
-    `active_fraction` of every layer."""
+    `active_fraction` of every layer. `domains`: only these domains of the data, one expert
+    each."""
     out = Path(out)
     check_args(active_fraction, recovery, finetune_steps, experts, allocation)
     if expert_format != "auto":
         expert_format = dtype_name(expert_format)  # a bad --expert-format fails before the work
     check_target(out, force)
-    docs = load_docs(data)
+    docs = load_docs(data, domains)
     torch.manual_seed(seed)
     loaded = load_model(model_path)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)

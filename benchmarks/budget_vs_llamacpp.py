@@ -1,0 +1,305 @@
+"""A model larger than its memory budget: edge-readme's Read-ME MoE (prefetch + Belady) and dense
+model against llama.cpp with mmap, at budgets of 25/50/75/100% of the dense GGUF's bytes.
+
+Every configuration runs in a fresh worker process (this script with --worker), started inside a
+memory cgroup that this script creates as a child of its own (cgroup v1: /sys/fs/cgroup/memory/
+<own>/budget-bench-PID, memory.limit_in_bytes = budget) and removes afterwards. The cgroup charges
+everything the worker keeps in RAM, the page cache of mmap'd or read files included, so llama.cpp
+pages its weights in and out of the same budget edge-readme plans for. edge-readme gets the budget
+minus what the worker's Python and torch already hold before loading (measured, not guessed).
+Before each configuration the model files are dropped from the page cache
+(posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
+the GGUF is fadvise-dropped before every llama.cpp token. That proxy is weaker than real memory
+pressure: pages llama.cpp has mapped cannot be dropped, so it reads less than a cgroup forces.
+
+Measured per configuration: time to first token (prompt prefill + first token), decode tokens/s,
+bytes read from storage (/proc/self/io read_bytes), held-out perplexity of the model that ran
+(teacher-forced over the same code-and-docs text for every system), peak cgroup memory.
+Writes JSON and a plot (tokens/s against budget, one line per system, perplexity in the legend).
+
+    python benchmarks/budget_vs_llamacpp.py --dense qwen2.5-coder-1.5b \\
+        --moe qwen2.5-coder-1.5b-readme --out budget_vs_llamacpp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = ("<|im_start|>user\nWrite a Python function that returns the n-th Fibonacci number "
+          "iteratively.<|im_end|>\n<|im_start|>assistant\n")
+HELDOUT_TOKENS = 96
+DECODE_TOKENS = 32
+GOALS = {"speedup_at_50": 3.0, "moonshot_at_50": 5.0, "ppl_ratio_max": 1.25, "at_100": 0.9}
+
+
+# ---------------------------------------------------------------- the parent: cgroups, cold cache
+
+
+class MemoryCgroup:
+    """A child of this process's own memory cgroup (v1), limited to `limit` bytes."""
+
+    def __init__(self, limit: int):
+        own = next(ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().split("\n")
+                   if ln.split(":")[1:2] == ["memory"])
+        self.path = Path("/sys/fs/cgroup/memory" + own) / f"budget-bench-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def enter(self) -> None:  # runs in the child between fork and exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def remove(self) -> None:
+        (self.path / "memory.force_empty").write_text("0") if self.path.exists() else None
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def cgroup_available() -> str | None:
+    """None if a child memory cgroup can be made here, else why not."""
+    try:
+        MemoryCgroup(1 << 40).remove()
+        return None
+    except (OSError, StopIteration) as e:
+        return f"no memory cgroup ({e})"
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_config(cfg: dict, limit: int, proxy: bool, timeout: int) -> dict:
+    drop_from_page_cache([Path(cfg["path"])])
+    cg = None if proxy else MemoryCgroup(limit)
+    cfg = {**cfg, "limit": limit, "proxy": proxy}
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=cg.enter if cg else None)
+        peak = cg.peak() if cg else None
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout} s"}
+    finally:
+        if cg:
+            cg.remove()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        killed = proc.returncode in (-9, 137)
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "killed: out of memory in the cgroup" if killed else f"failed: {tail}",
+                "peak_bytes": peak}
+    return {**json.loads(lines[-1]), "peak_bytes": peak}
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def read_bytes() -> int:
+    for ln in Path("/proc/self/io").read_text().splitlines():
+        if ln.startswith("read_bytes:"):
+            return int(ln.split()[1])
+    return 0
+
+
+def rss() -> int:
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1]) * 1024
+    return 0
+
+
+def heldout_text() -> str:
+    from edge_readme.refactor.corpus import load_builtin
+
+    docs = load_builtin("heldout")
+    return "\n\n".join(next(d.text for d in docs if d.domain == dom) for dom in ("code", "docs"))
+
+
+def nll_of(logprobs_next) -> float:
+    return -sum(logprobs_next) / len(logprobs_next)
+
+
+def worker_ours(cfg: dict) -> dict:
+    import torch
+
+    from edge_readme import Engine
+    from edge_readme.runtime import StepStats
+
+    threads = cfg["threads"]
+    torch.set_num_threads(threads)
+    budget = cfg["limit"] - rss() - (64 << 20)  # what Python and torch hold is not ours to plan
+    io0, t0 = read_bytes(), time.perf_counter()
+    with Engine.load(cfg["path"], device="cpu", memory_budget=budget, context_length=512,
+                     threads=threads, cold=cfg["kind"] == "moe") as e:
+        load_s = time.perf_counter() - t0
+        r = e.generate(PROMPT, max_tokens=DECODE_TOKENS + 1, temperature=0.0, ignore_eos=True)
+        text_ids = e.tokenizer.encode(heldout_text())[:HELDOUT_TOKENS + 1]
+        rt, st = e.runtime, StepStats()
+        e.reset()
+        logits = rt.prefill(text_ids[:1], st)
+        lp = []
+        for nxt in text_ids[1:]:
+            lp.append(float(torch.log_softmax(logits.float(), -1)[nxt]))
+            logits = rt.decode(nxt, st)
+        return {"status": "ok", "load_s": round(load_s, 1),
+                "ttft_s": r.stats["time_to_first_token_s"],
+                "decode_tok_s": r.stats["decode_tokens_per_s"], "bytes_read": read_bytes() - io0,
+                "ppl": round(math.exp(nll_of(lp)), 3), "engine_budget": budget,
+                "hit_ratio": (r.stats.get("cache") or {}).get("hit_ratio")}
+
+
+def worker_llamacpp(cfg: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    io0, t0 = read_bytes(), time.perf_counter()
+    llm = Llama(cfg["path"], n_ctx=512, n_batch=256, n_threads=cfg["threads"], use_mmap=True,
+                logits_all=True, verbose=False)
+    load_s = time.perf_counter() - t0
+    fd = os.open(cfg["path"], os.O_RDONLY) if cfg["proxy"] else None
+
+    def step(tokens):
+        llm.eval(tokens)
+        if fd is not None:  # the proxy: drop what is not mapped right now
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    t1 = time.perf_counter()
+    tok = step(ids)
+    ttft = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        tok = step([tok])
+    decode = DECODE_TOKENS / (time.perf_counter() - t2)
+    text_ids = llm.tokenize(heldout_text().encode(), add_bos=False, special=False)
+    text_ids = text_ids[:HELDOUT_TOKENS + 1]
+    llm.reset()
+    llm.eval(text_ids)
+    scores = np.asarray(llm.scores[:len(text_ids) - 1], dtype=np.float64)
+    scores -= scores.max(-1, keepdims=True)
+    logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    lp = [float(logp[i, t]) for i, t in enumerate(text_ids[1:])]
+    return {"status": "ok", "load_s": round(load_s, 1), "ttft_s": round(ttft, 3),
+            "decode_tok_s": round(decode, 2), "bytes_read": read_bytes() - io0,
+            "ppl": round(math.exp(nll_of(lp)), 3)}
+
+
+# ---------------------------------------------------------------- report
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = [(r["budget_pct"], r["decode_tok_s"]) for r in rows
+               if r["system"] == system and r.get("decode_tok_s")]
+        ppl = [r["ppl"] for r in rows if r["system"] == system and r.get("ppl")]
+        if pts:
+            label = f"{system} (ppl {ppl[0]:.2f})" if ppl else system
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("memory budget, % of the dense GGUF's bytes")
+    ax.set_ylabel("decode tokens/s")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dense", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--moe", default="qwen2.5-coder-1.5b-readme")
+    ap.add_argument("--budgets", default="25,50,75,100", help="percent of the dense GGUF's bytes")
+    ap.add_argument("--systems", default="ours-moe,ours-dense,llamacpp-mmap")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--out", default="budget_vs_llamacpp.json")
+    a = ap.parse_args()
+    if a.worker:
+        cfg = json.loads(a.worker)
+        fn = worker_llamacpp if cfg["kind"] == "llamacpp" else worker_ours
+        print(json.dumps(fn(cfg)), flush=True)
+        return 0
+
+    from edge_readme.registry import resolve
+
+    dense = resolve(a.dense)
+    gguf_bytes = dense.stat().st_size
+    paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
+             "llamacpp-mmap": ("llamacpp", a.dense)}
+    no_cgroup = cgroup_available()
+    if no_cgroup:
+        print(f"{no_cgroup}: llama.cpp runs under the fadvise proxy (see the module docstring)",
+              file=sys.stderr)
+    rows = []
+    for pct in [int(x) for x in a.budgets.split(",")]:
+        limit = gguf_bytes * pct // 100
+        for system in a.systems.split(","):
+            kind, name = paths[system]
+            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads}
+            t = time.time()
+            if kind == "dense" and float32_bytes(dense) > limit:
+                # loading dequantizes every weight first: the cgroup would kill it (measured once)
+                r = {"status": f"does not fit: float32 weights {float32_bytes(dense) / 2**30:.2f} "
+                               f"GiB > budget"}
+            else:
+                r = run_config(cfg, limit, no_cgroup is not None, a.timeout)
+            row = {"system": system, "budget_pct": pct, "limit_bytes": limit, **r,
+                   "wall_s": round(time.time() - t)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = {"dense_gguf": str(dense), "dense_gguf_bytes": gguf_bytes, "threads": a.threads,
+              "confinement": no_cgroup or "memory cgroup (v1) per configuration",
+              "cpu": _cpu(), "rows": rows, "goals": GOALS}
+    out = Path(a.out)
+    out.write_text(json.dumps(report, indent=2))
+    if plot(rows, out.with_suffix(".png")):
+        print(f"plot: {out.with_suffix('.png')}")
+    return 0
+
+
+def float32_bytes(gguf: Path) -> int:
+    from edge_readme.gguf_file import GGUFFile
+
+    return 4 * sum(math.prod(t.shape) for t in GGUFFile(gguf).tensors)
+
+
+def _cpu() -> str:
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        if ln.startswith("model name"):
+            return ln.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
