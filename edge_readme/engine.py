@@ -10,9 +10,11 @@ while its prompt is being read. The engine knows nothing about HTTP.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -107,6 +109,20 @@ class Stream:
         return self.result
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """Stop every engine's worker before the interpreter tears torch down: a worker still alive
+    in torch at exit aborted the process ("terminate called without an active exception")."""
+    for engine in list(_OPEN):
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; never mask the program's own error
+            pass
+
+
 class Engine:
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, path: Path, name: str,
                  schedule: str = "fcfs", max_queue: int | None = None, exact: bool = False,
@@ -144,6 +160,7 @@ class Engine:
         self.totals = StepStats()
         self._worker = threading.Thread(target=self._serve, name="edge-readme-engine", daemon=True)
         self._worker.start()
+        _OPEN.add(self)  # closed at interpreter exit if the caller did not close it
 
     # ------------------------------------------------------------------ construction
 

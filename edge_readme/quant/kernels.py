@@ -43,23 +43,19 @@ def cpu_activation_dtype() -> torch.dtype:
 
 
 def measure() -> tuple[torch.dtype, dict[str, float]]:
-    """(chosen dtype, seconds per 8 calls of each) for a [1024, 576] int4 matmul at batch 1, on
-    one thread (a busy machine disturbs one thread least). bfloat16 (half the activation bytes)
-    wins unless float32 is clearly faster."""
+    """(chosen dtype, seconds per 8 calls of each) for a [1024, 576] int4 matmul at batch 1, with
+    the process's threads (changing torch's thread count here made the process abort at exit).
+    bfloat16 (half the activation bytes) wins unless float32 is clearly faster."""
     from .q4 import Q4Weight
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 576, generator=gen)
     x = torch.randn(1, 576, generator=gen)
-    times, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, dt in _NAMES.items():
-            q = Q4Weight.quantize(w, dt)
-            xd = x.to(dt)
-            with torch.inference_mode():
-                times[name] = _best_of(lambda: q(xd))
-    finally:
-        torch.set_num_threads(threads)
+    times = {}
+    for name, dt in _NAMES.items():
+        q = Q4Weight.quantize(w, dt)
+        xd = x.to(dt)
+        with torch.inference_mode():
+            times[name] = _best_of(lambda: q(xd))
     best = torch.float32 if times["float32"] < 0.8 * times["bfloat16"] else torch.bfloat16
     return best, times
