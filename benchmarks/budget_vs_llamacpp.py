@@ -5,7 +5,9 @@ Every configuration runs in a fresh worker process (this script with --worker), 
 memory cgroup that this script creates as a child of its own (cgroup v1: /sys/fs/cgroup/memory/
 <own>/budget-bench-PID, memory.limit_in_bytes = budget) and removes afterwards. The cgroup charges
 everything the worker keeps in RAM, the page cache of mmap'd or read files included, so llama.cpp
-pages its weights in and out of the same budget edge-readme plans for. edge-readme gets the budget
+pages its weights in and out of the same budget edge-readme plans for (`llamacpp-mmap` turns
+llama.cpp's weight repacking off, which would copy Q4_K weights into anonymous memory and defeat
+mmap; `llamacpp-repack` is llama.cpp's default, for comparison). edge-readme gets the budget
 minus what the worker's Python and torch already hold before loading (measured, not guessed).
 Before each configuration the model files are dropped from the page cache
 (posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
@@ -170,9 +172,22 @@ def worker_ours(cfg: dict) -> dict:
 
 
 def worker_llamacpp(cfg: dict) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
+    if not cfg.get("repack"):
+        # llama.cpp repacks Q4_0/Q4_K weights for AVX2 into anonymous buffers ("extra buffer
+        # types"): the weights then no longer live in the mmap'd file, and a budget below the
+        # model's size is killed. Off, the weights stay file-backed and pageable.
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_repack():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = no_repack
     io0, t0 = read_bytes(), time.perf_counter()
     # logits of the last token only, small batches: a logits_all buffer (n_ctx x 151936 floats)
     # would itself be most of a small budget
@@ -258,7 +273,7 @@ def main() -> int:
     dense = resolve(a.dense)
     gguf_bytes = dense.stat().st_size
     paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
-             "llamacpp-mmap": ("llamacpp", a.dense)}
+             "llamacpp-mmap": ("llamacpp", a.dense), "llamacpp-repack": ("llamacpp", a.dense)}
     no_cgroup = cgroup_available()
     if no_cgroup:
         print(f"{no_cgroup}: llama.cpp runs under the fadvise proxy (see the module docstring)",
@@ -268,7 +283,8 @@ def main() -> int:
         limit = gguf_bytes * pct // 100
         for system in a.systems.split(","):
             kind, name = paths[system]
-            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads}
+            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads,
+                   "repack": system == "llamacpp-repack"}
             t = time.time()
             if kind == "dense" and float32_bytes(dense) > limit:
                 # loading dequantizes every weight first: the cgroup would kill it (measured once)
