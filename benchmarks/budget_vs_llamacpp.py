@@ -172,7 +172,7 @@ def worker_ours(cfg: dict) -> dict:
 
 
 def worker_llamacpp(cfg: dict) -> dict:
-    import llama_cpp
+    import llama_cpp.llama_cpp as low  # what llama_cpp.Llama calls for its model params
     import numpy as np
     from llama_cpp import Llama
 
@@ -180,14 +180,14 @@ def worker_llamacpp(cfg: dict) -> dict:
         # llama.cpp repacks Q4_0/Q4_K weights for AVX2 into anonymous buffers ("extra buffer
         # types"): the weights then no longer live in the mmap'd file, and a budget below the
         # model's size is killed. Off, the weights stay file-backed and pageable.
-        defaults = llama_cpp.llama_model_default_params
+        defaults = low.llama_model_default_params
 
         def no_repack():
             p = defaults()
             p.use_extra_bufts = False
             return p
 
-        llama_cpp.llama_model_default_params = no_repack
+        low.llama_model_default_params = no_repack
     io0, t0 = read_bytes(), time.perf_counter()
     # logits of the last token only, small batches: a logits_all buffer (n_ctx x 151936 floats)
     # would itself be most of a small budget
