@@ -5,7 +5,9 @@ Every configuration runs in a fresh worker process (this script with --worker), 
 memory cgroup that this script creates as a child of its own (cgroup v1: /sys/fs/cgroup/memory/
 <own>/budget-bench-PID, memory.limit_in_bytes = budget) and removes afterwards. The cgroup charges
 everything the worker keeps in RAM, the page cache of mmap'd or read files included, so llama.cpp
-pages its weights in and out of the same budget edge-readme plans for. edge-readme gets the budget
+pages its weights in and out of the same budget edge-readme plans for (`llamacpp-mmap` turns
+llama.cpp's weight repacking off, which would copy Q4_K weights into anonymous memory and defeat
+mmap; `llamacpp-repack` is llama.cpp's default, for comparison). edge-readme gets the budget
 minus what the worker's Python and torch already hold before loading (measured, not guessed).
 Before each configuration the model files are dropped from the page cache
 (posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
@@ -170,37 +172,52 @@ def worker_ours(cfg: dict) -> dict:
 
 
 def worker_llamacpp(cfg: dict) -> dict:
+    import llama_cpp.llama_cpp as low  # what llama_cpp.Llama calls for its model params
     import numpy as np
     from llama_cpp import Llama
 
+    if not cfg.get("repack"):
+        # llama.cpp repacks Q4_0/Q4_K weights for AVX2 into anonymous buffers ("extra buffer
+        # types"): the weights then no longer live in the mmap'd file, and a budget below the
+        # model's size is killed. Off, the weights stay file-backed and pageable.
+        defaults = low.llama_model_default_params
+
+        def no_repack():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = no_repack
     io0, t0 = read_bytes(), time.perf_counter()
-    llm = Llama(cfg["path"], n_ctx=512, n_batch=256, n_threads=cfg["threads"], use_mmap=True,
-                logits_all=True, verbose=False)
+    # logits of the last token only, small batches: a logits_all buffer (n_ctx x 151936 floats)
+    # would itself be most of a small budget
+    llm = Llama(cfg["path"], n_ctx=256, n_batch=64, n_threads=cfg["threads"], use_mmap=True,
+                logits_all=False, verbose=False)
     load_s = time.perf_counter() - t0
     fd = os.open(cfg["path"], os.O_RDONLY) if cfg["proxy"] else None
 
-    def step(tokens):
+    def step(tokens) -> np.ndarray:
         llm.eval(tokens)
         if fd is not None:  # the proxy: drop what is not mapped right now
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
 
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     t1 = time.perf_counter()
-    tok = step(ids)
+    tok = int(np.argmax(step(ids)))
     ttft = time.perf_counter() - t1
     t2 = time.perf_counter()
     for _ in range(DECODE_TOKENS):
-        tok = step([tok])
+        tok = int(np.argmax(step([tok])))
     decode = DECODE_TOKENS / (time.perf_counter() - t2)
     text_ids = llm.tokenize(heldout_text().encode(), add_bos=False, special=False)
     text_ids = text_ids[:HELDOUT_TOKENS + 1]
     llm.reset()
-    llm.eval(text_ids)
-    scores = np.asarray(llm.scores[:len(text_ids) - 1], dtype=np.float64)
-    scores -= scores.max(-1, keepdims=True)
-    logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
-    lp = [float(logp[i, t]) for i, t in enumerate(text_ids[1:])]
+    lp = []
+    for cur, nxt in zip(text_ids, text_ids[1:]):  # teacher-forced, as edge-readme is scored
+        z = step([cur])
+        z -= z.max()
+        lp.append(float(z[nxt] - np.log(np.exp(z).sum())))
     return {"status": "ok", "load_s": round(load_s, 1), "ttft_s": round(ttft, 3),
             "decode_tok_s": round(decode, 2), "bytes_read": read_bytes() - io0,
             "ppl": round(math.exp(nll_of(lp)), 3)}
@@ -256,7 +273,7 @@ def main() -> int:
     dense = resolve(a.dense)
     gguf_bytes = dense.stat().st_size
     paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
-             "llamacpp-mmap": ("llamacpp", a.dense)}
+             "llamacpp-mmap": ("llamacpp", a.dense), "llamacpp-repack": ("llamacpp", a.dense)}
     no_cgroup = cgroup_available()
     if no_cgroup:
         print(f"{no_cgroup}: llama.cpp runs under the fadvise proxy (see the module docstring)",
@@ -266,7 +283,8 @@ def main() -> int:
         limit = gguf_bytes * pct // 100
         for system in a.systems.split(","):
             kind, name = paths[system]
-            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads}
+            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads,
+                   "repack": system == "llamacpp-repack"}
             t = time.time()
             if kind == "dense" and float32_bytes(dense) > limit:
                 # loading dequantizes every weight first: the cgroup would kill it (measured once)
