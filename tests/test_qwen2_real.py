@@ -143,15 +143,15 @@ def test_dense_writes_correct_python(dense):
     assert solve_all(dense) == []
 
 
-@pytest.mark.xfail(reason="the shipped 0.75 build (refit only, 8 sequences per domain) writes "
-                   "`return s[::-1 == s` and fails 2 of the 3 tasks; the dense model passes all. "
-                   "docs/readme-qwen2.md: rebuild the artifacts at a higher active fraction",
-                   strict=False)
-def test_readme_moe_writes_correct_python():
+def test_readme_moe_writes_python_no_worse_than_measured():
+    """The shipped 0.75 build (refit only, 8 sequences per domain) solved 1 of the 3 tasks when
+    it was made (the dense model: 3 of 3); this is that floor, so a regression fails. The goal,
+    3 of 3, needs artifacts at a higher active fraction (docs in the README)."""
     if "qwen2.5-coder-0.5b-readme" not in registry.REGISTRY:
         pytest.skip("no qwen2.5-coder-0.5b-readme artifacts in this build")
     with Engine.load("qwen2.5-coder-0.5b-readme", device="cpu", context_length=1024) as e:
-        assert solve_all(e) == []
+        failures = solve_all(e)
+    assert len(failures) <= 2, failures
 
 
 @LARGE
