@@ -65,8 +65,10 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
                      layers: list[fn.MoELayer], router_tensors: dict[str, torch.Tensor],
                      masks: Masks, tokenizer, chat_template: str | None,
                      provenance: dict[str, Any], force: bool = False,
-                     dtype: torch.dtype = torch.float16) -> Path:
-    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer."""
+                     dtype: torch.dtype = torch.float16,
+                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer; `extra` maps
+    more safetensors file names to their tensors (the trained deltas)."""
     out = Path(out)
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,8 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
     try:
         _write_files(tmp, config, bb, layers, router_tensors, masks, tokenizer, chat_template,
                      provenance, dtype)
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
         _fsync_tree(tmp)
         _swap_in(tmp, out, force)
     except OSError as exc:
