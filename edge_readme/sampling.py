@@ -55,6 +55,24 @@ class SamplingParams:
                 or self.presence_penalty != 0 or self.no_repeat_ngram > 0)
 
 
+PENALTIES_OFF = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+                 "no_repeat_ngram": 0}
+# What `edge-readme chat` and the server use when a request samples (temperature > 0) and leaves
+# the penalties unset; chosen on the chat question set (docs/readme-quality.md).
+CHAT_PENALTIES = {"repetition_penalty": 1.1, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+                  "no_repeat_ngram": 0}
+
+
+def chat_penalties(temperature: float, **given: float | int | None) -> dict[str, float | int]:
+    """The penalties of a chat request: those given; for the rest CHAT_PENALTIES when sampling,
+    off at temperature 0 (greedy stays plain greedy unless a penalty is asked for)."""
+    base = CHAT_PENALTIES if temperature > 0 else PENALTIES_OFF
+    unknown = set(given) - set(base)
+    if unknown:
+        raise TypeError(f"unknown penalties {sorted(unknown)}")
+    return {k: given[k] if given.get(k) is not None else v for k, v in base.items()}
+
+
 def _check_penalties(p: SamplingParams) -> None:
     def num(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

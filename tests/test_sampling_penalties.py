@@ -78,3 +78,40 @@ def test_engine_applies_the_penalties(tmp_path):
     plain_grams = [tuple(plain[i:i + 2]) for i in range(len(plain) - 1)]
     if len(plain_grams) != len(set(plain_grams)):  # the random tiny model loops: it changed
         assert fixed != plain
+
+
+def test_chat_defaults_apply_only_when_sampling_and_unset():
+    from edge_readme.sampling import CHAT_PENALTIES, PENALTIES_OFF, chat_penalties
+
+    assert chat_penalties(0.0) == PENALTIES_OFF  # greedy stays plain greedy
+    assert chat_penalties(0.7) == CHAT_PENALTIES
+    got = chat_penalties(0.0, no_repeat_ngram=3, repetition_penalty=None)
+    assert got == {**PENALTIES_OFF, "no_repeat_ngram": 3}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": "high"}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size"),
+])
+def test_server_refuses_bad_penalties(body, param):
+    from edge_readme.server import protocol as P
+
+    with pytest.raises(P.APIError) as e:
+        P.sampling(body, P.Limits())
+    assert e.value.status == 400 and param in str(e.value.message)
+
+
+def test_server_fields_reach_the_engine_keywords():
+    from edge_readme.sampling import CHAT_PENALTIES
+    from edge_readme.server import protocol as P
+
+    kw = P.sampling({"temperature": 0, "frequency_penalty": 0.5, "no_repeat_ngram_size": 3},
+                    P.Limits())
+    assert kw["frequency_penalty"] == 0.5 and kw["no_repeat_ngram"] == 3
+    assert kw["repetition_penalty"] == 1.0
+    kw = P.sampling({}, P.Limits())  # OpenAI's default temperature 1: the chat defaults
+    assert {k: kw[k] for k in CHAT_PENALTIES} == CHAT_PENALTIES
+    SamplingParams(**{k: kw[k] for k in ("temperature", "top_p", "top_k", "seed",
+                                          *CHAT_PENALTIES)})
