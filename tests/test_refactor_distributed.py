@@ -14,7 +14,8 @@ from edge_readme.loader import load_model
 @pytest.mark.slow
 @pytest.mark.parametrize("delta_rank", [0, 2])  # full weights; low-rank deltas
 def test_two_process_finetune(tiny, tmp_path, delta_rank):  # noqa: F811
-    args = {"delta_rank": delta_rank, "model_path": str(tiny / "dense"), "out": str(tmp_path / "moe"),
+    args = {"delta_rank": delta_rank, "model_path": str(tiny / "dense"),
+            "out": str(tmp_path / "moe"),
             "data": [str(tiny / "data.jsonl")], "seq_len": 32, "sequences_per_domain": 4,
             "router_steps": 4, "finetune_steps": 3, "progress": False,
             "cache_dir": str(tmp_path / "cache"), "checksum_dir": str(tmp_path)}
