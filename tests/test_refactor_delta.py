@@ -88,3 +88,33 @@ def test_delta_training_moves_the_experts_and_is_shipped(tiny, tmp_path,  # noqa
 def test_bad_delta_arguments(tiny, tmp_path, kw, match):  # noqa: F811
     with pytest.raises(DataError, match=match):
         run(tiny, tmp_path / "bad", **kw)
+
+
+def test_build_default_adds_the_shipped_deltas_after_the_refit(tiny, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    import json
+    import shutil
+
+    from edge_readme.refactor.build_default import META
+
+    monkeypatch.setattr(build_default, "sha256_file", lambda p: "dense folder")
+    run(tiny, tmp_path / "delta", finetune_steps=4, delta_rank=2, seq_len=16,
+        sequences_per_domain=2)
+    with_deltas = tmp_path / "art"
+    export_artifacts(tmp_path / "delta", tiny / "dense", with_deltas)
+    meta = json.loads((with_deltas / META).read_text())
+    meta["refactor"]["sequences_per_domain"] = 1  # the pull's refit on the builtin corpus
+    (with_deltas / META).write_text(json.dumps(meta))
+    plain = tmp_path / "plain"
+    shutil.copytree(with_deltas, plain)
+    (plain / DELTAS).unlink()
+    a = load_model(build_default.build_default(tiny / "dense", tmp_path / "a", progress=False,
+                                               artifacts=plain))
+    b = load_model(build_default.build_default(tiny / "dense", tmp_path / "b", progress=False,
+                                               artifacts=with_deltas))
+    t = load_file(str(with_deltas / DELTAS))
+    key = "model.layers.1.mlp.shared.up_proj.weight"
+    want = (t["layers.1.shared.up.b"].float() @ t["layers.1.shared.up.a"].float())
+    assert torch.allclose(b.tensors[key].float() - a.tensors[key].float(), want, atol=2e-3)
+    keys = [k for k in a.tensors if k.startswith("router.") and k != "router.embed"]
+    assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in keys)  # the tuned router

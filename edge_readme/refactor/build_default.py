@@ -87,10 +87,28 @@ def _compact(router: dict[str, torch.Tensor], base: torch.Tensor) -> dict[str, t
 
 def build_default(gguf_path, out_folder, progress=None, force: bool = False,
                   artifacts: Path | None = None) -> Path:
-    """GGUF + shipped masks and router -> refit -> MoE folder (atomic).
+    """GGUF + shipped masks and router -> refit (+ trained deltas) -> MoE folder (atomic).
 
     `progress`: None or True shows a tqdm bar for the refit (it takes minutes), False hides it,
     a registry Progress callable `(stage, fraction)` gets the refit's progress too."""
+    p = prepare(gguf_path, artifacts, progress)
+    src, layers, router = p["src"], p["layers"], p["router"]
+    if (src / DELTAS).exists():
+        t = load_file(str(src / DELTAS))
+        Deltas.from_tensors({k: v for k, v in t.items() if not k.startswith("router.")}, layers,
+                            src / DELTAS).merge_into(layers)
+        if any(k.startswith("router.") for k in t):  # the fine-tuning also tuned the router
+            router = _router(src, p["moe"].router, p["moe"], p["config"].num_layers,
+                             p["dense"].tensors, DELTAS)
+    config = dataclasses.replace(p["config"], moe=p["moe"])
+    prov = {**p["prov"], "built_from": str(gguf_path), "artifacts_sha256": artifacts_digest(src)}
+    return write_moe_folder(out_folder, config, p["bb"], layers, router.state_tensors(),
+                            p["masks"], p["tok"], p["dense"].chat_template, prov, force)
+
+
+def prepare(gguf_path, artifacts: Path | None = None, progress=None) -> dict:
+    """The refitted default before any deltas: checks the GGUF against the artifacts, slices
+    the experts by the shipped masks and refits them routed by the shipped router."""
     src = Path(artifacts) if artifacts else Path(str(resources.files("edge_readme") / "artifacts"))
     meta = json.loads((src / META).read_text())
     digest = sha256_file(Path(gguf_path))
@@ -114,15 +132,8 @@ def build_default(gguf_path, out_folder, progress=None, force: bool = False,
         callback = (lambda f: progress("refit", f)) if callable(progress) else None
         recovery.refit(bb, layers, seqs, route, progress=progress is not False,
                        callback=callback)
-    if (src / DELTAS).exists():
-        t = load_file(str(src / DELTAS))
-        Deltas.from_tensors({k: v for k, v in t.items() if not k.startswith("router.")}, layers,
-                            src / DELTAS).merge_into(layers)
-        router = _router(src, moe.router, moe, c.num_layers, dense.tensors, DELTAS)
-    config = dataclasses.replace(c, moe=moe)
-    prov = {**prov, "built_from": str(gguf_path), "artifacts_sha256": artifacts_digest(src)}
-    return write_moe_folder(out_folder, config, bb, layers, router.state_tensors(), masks, tok,
-                            dense.chat_template, prov, force)
+    return {"src": src, "meta": meta, "dense": dense, "moe": moe, "config": c, "prov": prov,
+            "masks": masks, "router": router, "tok": tok, "bb": bb, "layers": layers}
 
 
 def _router(src: Path, cfg: RouterConfig, moe: MoEConfig, layers: int, tensors,
