@@ -87,6 +87,10 @@ def test_chat_defaults_apply_only_when_sampling_and_unset():
     assert chat_penalties(0.7) == CHAT_PENALTIES
     got = chat_penalties(0.0, no_repeat_ngram=3, repetition_penalty=None)
     assert got == {**PENALTIES_OFF, "no_repeat_ngram": 3}
+    got = chat_penalties(0.7, repetition_penalty=1.2)
+    assert got == {**CHAT_PENALTIES, "repetition_penalty": 1.2}
+    with pytest.raises(TypeError, match="dry"):
+        chat_penalties(0.7, dry=1)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -115,3 +119,23 @@ def test_server_fields_reach_the_engine_keywords():
     assert {k: kw[k] for k in CHAT_PENALTIES} == CHAT_PENALTIES
     SamplingParams(**{k: kw[k] for k in ("temperature", "top_p", "top_k", "seed",
                                           *CHAT_PENALTIES)})
+
+
+def test_cli_generate_takes_the_penalty_flags(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_readme.cli.main import cli
+    from tests.tiny_dense import write_tiny_dense
+
+    monkeypatch.setenv("EDGE_README_HOME", str(tmp_path / "home"))
+    folder = str(write_tiny_dense(tmp_path / "tiny"))
+    base = ["generate", "Hello world", "-m", folder, "--max-tokens", "30", "--json"]
+    r = CliRunner().invoke(cli, base + ["--no-repeat-ngram", "2", "--repetition-penalty", "1.2"])
+    assert r.exit_code == 0, r.output
+    ids = json.loads(r.output[r.output.index("{"):])["token_ids"]
+    grams = [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+    assert len(grams) == len(set(grams))
+    r = CliRunner().invoke(cli, base + ["--repetition-penalty", "0"])
+    assert r.exit_code == 2 and "repetition-penalty" in r.output
