@@ -80,7 +80,8 @@ def main(gguf, artifacts, out, steps, rank, lr, minutes, do_eval, eval_offset, e
                                                                       eval_sequences)}),
               flush=True)
     torch.manual_seed(0)
-    expert_seqs = finetune_sequences(load_docs(None), p["tok"].encode)
+    expert_seqs = finetune_sequences(load_docs(None), p["tok"].encode,
+                                     min(p["prov"]["seq_len"], 128))
     deltas = Deltas.create(p["layers"], rank)
     rounds, done, t1 = train.ROUNDS, 0, time.time()
     with tqdm(total=steps, desc="deltas", unit="step") as bar:
