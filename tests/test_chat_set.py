@@ -16,7 +16,7 @@ EXAMPLES = {
     "fact-sky": ("Sunlight is scattered by air molecules (Rayleigh scattering).",
                  "The sky is blue because it is a natural color."),
     "code-add": ("```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b): pass"),
-    "code-loop": ("for i in range(3):\n    print(i)", "while i < 3: print(i)"),
+    "code-loop": ("for i in range(0, 3, 1):\n    print(i)", "for i in range(1, 3): print(i)"),
     "inst-yes": ("Yes.", "Sure, yes."),
     "inst-colors": ("Red, yellow and blue.", "Red, green and blue."),
     "inst-backwards": ("tac", "The word cat backwards is act."),
