@@ -227,7 +227,9 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: Sequence[str] = (),
-               ignore_eos: bool = False) -> Stream:
+               ignore_eos: bool = False, repetition_penalty: float = 1.0,
+               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               no_repeat_ngram: int = 0) -> Stream:
         ids = self._encode(prompt)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise RequestError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
@@ -235,7 +237,8 @@ class Engine:
         if len(ids) >= limit:
             raise RequestError(f"prompt: {len(ids)} tokens, the context holds {limit}; "
                                "shorten the prompt or raise --context-length")
-        params = SamplingParams(temperature, top_p, top_k, seed)
+        params = SamplingParams(temperature, top_p, top_k, seed, repetition_penalty,
+                                frequency_penalty, presence_penalty, no_repeat_ngram)
         req = _Request(ids, params, min(max_tokens, limit - len(ids)), tuple(stop),
                        ignore_eos=bool(ignore_eos))
         with self._lock:

@@ -12,8 +12,10 @@ from edge_readme.loader import load_model
 
 
 @pytest.mark.slow
-def test_two_process_finetune(tiny, tmp_path):  # noqa: F811
-    args = {"model_path": str(tiny / "dense"), "out": str(tmp_path / "moe"),
+@pytest.mark.parametrize("delta_rank", [0, 2])  # full weights; low-rank deltas
+def test_two_process_finetune(tiny, tmp_path, delta_rank):  # noqa: F811
+    args = {"delta_rank": delta_rank, "model_path": str(tiny / "dense"),
+            "out": str(tmp_path / "moe"),
             "data": [str(tiny / "data.jsonl")], "seq_len": 32, "sequences_per_domain": 4,
             "router_steps": 4, "finetune_steps": 3, "progress": False,
             "cache_dir": str(tmp_path / "cache"), "checksum_dir": str(tmp_path)}
@@ -26,3 +28,4 @@ def test_two_process_finetune(tiny, tmp_path):  # noqa: F811
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
     assert ranks[0]["report"]["finetune"]["experts"] is not None
     assert load_model(tmp_path / "moe").config.moe.num_experts == 3
+    assert (tmp_path / "moe" / "deltas.safetensors").exists() == bool(delta_rank)

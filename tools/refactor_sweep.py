@@ -9,19 +9,31 @@ one JSON line per (fraction, recovery).
     python tools/refactor_sweep.py /tmp/setup/model/model.gguf --fractions 0.5,0.75
 """
 
+import dataclasses
 import json
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import click
 import torch
 
-from edge_readme.config import RouterConfig
+from edge_readme.config import MoEConfig, RouterConfig
 from edge_readme.loader import load_model
 from edge_readme.refactor import allocate, calibrate, recovery, targets, train
 from edge_readme.refactor import functional as fn
+from edge_readme.refactor.build_default import export_artifacts
+from edge_readme.refactor.delta import FOLDER_DELTAS, Deltas
 from edge_readme.refactor.masks import build_masks
-from edge_readme.refactor.pipeline import finetune_sequences, load_docs, moe_params, tokenize
+from edge_readme.refactor.pipeline import (
+    DELTA_LR,
+    finetune_sequences,
+    load_docs,
+    moe_params,
+    tokenize,
+)
+from edge_readme.refactor.writer import write_moe_folder
 from edge_readme.router import Router
 from edge_readme.tokenizer import Tokenizer
 
@@ -67,6 +79,12 @@ def step_seconds(bb, layers, router, expert_seqs) -> float:
               "alternating router / expert distillation (train.finetune), timed")
 @click.option("--finetune-minutes", default=0.0, help="instead of --finetune-steps: as many "
               "steps as fit in this many minutes, at the speed of 3 timed expert steps")
+@click.option("--delta-rank", default=0, help="train rank-R corrections (delta.py) instead of "
+              "the full expert weights in the distillation")
+@click.option("--delta-lr", default=DELTA_LR, help="AdamW lr of the low-rank factors")
+@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
+              help="with one fraction: write the default-MoE artifacts (masks, routers, deltas) "
+                   "of the last row here (e.g. edge_readme/artifacts)")
 @click.option("--eval-sequences", default=16, help="held-out sequences per domain evaluated")
 @click.option("--eval-offset", default=4, help="held-out sequences skipped first: the first 4 "
               "(what `edge-readme eval` reads by default) chose the allocation exponent and ridge")
@@ -75,7 +93,8 @@ def step_seconds(bb, layers, router, expert_seqs) -> float:
 @click.option("--eval-dtype", type=click.Choice(["fast", "float32"]), default="fast",
               help="dtype of the evaluation forwards (fast: bfloat16 where the CPU has it)")
 def main(model, fractions, seq_len, per_domain, router_steps, routing, allocation, ridge,
-         finetune_steps, finetune_minutes, eval_sequences, eval_offset, domains, eval_dtype):
+         finetune_steps, finetune_minutes, delta_rank, delta_lr, export_dir, eval_sequences,
+         eval_offset, domains, eval_dtype):
     torch.manual_seed(0)
     loaded = load_model(model)
     tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
@@ -133,14 +152,52 @@ def main(model, fractions, seq_len, per_domain, router_steps, routing, allocatio
         if finetune_minutes:
             steps = max(3, int(finetune_minutes * 60 / step_seconds(bb, layers, router,
                                                                     expert_seqs)))
+        refit_router = {k: v.detach().clone() for k, v in router.state_tensors().items()}
+        deltas = None
         if steps:
             t1 = time.time()
-            train.finetune(bb, layers, router, seqs, soft, steps, expert_seqs=expert_seqs)
+            deltas = Deltas.create(layers, delta_rank) if delta_rank else None
+            train.finetune(bb, layers, router, seqs, soft, steps, expert_seqs=expert_seqs,
+                           expert_lr=delta_lr if deltas else 1e-4, deltas=deltas)
+            if deltas is not None:
+                deltas.merge_into(layers)
             acc = train.router_accuracy(router, held, oracle)
-            print(json.dumps({**row, "recovery": f"refit+distill{steps}",
+            kind = f"+delta{delta_rank}" if deltas else ""
+            print(json.dumps({**row, "recovery": f"refit+distill{steps}{kind}",
                               "router_accuracy": round(acc, 3),
+                              "delta_mb": round(deltas.num_parameters() * 2 / 1e6, 2)
+                              if deltas else None,
                               "ratio": ratios(moe_nll(eb, layers, router, cal), dense),
                               "distill_s": round(time.time() - t1)}), flush=True)
+        if export_dir:
+            export(model, loaded, tok, bb, layers, masks, router, refit_router, deltas, rows,
+                   {"active_fraction": frac, "allocation": allocation, "routing": routing,
+                    "finetune_steps": steps, "delta_rank": delta_rank, "delta_lr": delta_lr,
+                    "seq_len": seq_len, "sequences_per_domain": per_domain,
+                    "router_accuracy": round(acc, 3), "domains": cal.names}, Path(export_dir))
+
+
+def export(model, loaded, tok, bb, layers, masks, router, refit_router, deltas, rows, info,
+           dest: Path) -> None:
+    """Write the MoE folder the pipeline would, then shrink it into the shipped artifacts."""
+    moe = MoEConfig(num_experts=masks.num_experts, routing=info["routing"],
+                    shared_sizes=tuple(len(s) for s in masks.shared), router=RouterConfig(),
+                    domains=tuple(info["domains"]))
+    prov = {"domains": list(moe.domains), "recovery": "refit", "layer_rows": rows,
+            "params": moe_params(bb.config, masks, router), "seed": 0, "source": str(model),
+            "pass_dtype": str(fn.fast_dtype()).split(".")[-1], **info}
+    extra = None
+    if deltas is not None:
+        extra = {FOLDER_DELTAS: {**deltas.to_tensors(),
+                                 **{f"refit_{k}": v.half() for k, v in refit_router.items()}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "moe"
+        write_moe_folder(folder, dataclasses.replace(loaded.config, moe=moe), bb, layers,
+                         router.state_tensors(), masks, tok, loaded.chat_template, prov,
+                         extra=extra)
+        export_artifacts(folder, Path(model), dest)
+    print(json.dumps({"exported": str(dest), "bytes": sum(
+        p.stat().st_size for p in dest.iterdir())}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .common import engine_kwargs, friendly, load_engine, model_options
+from .penalties import penalty_options, pop_penalties
 
 HELP = "commands: /stats  /reset  /exit  (Ctrl-C stops a reply, Ctrl-D quits)"
 
@@ -58,10 +59,14 @@ def _stats_text(engine) -> str:
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9)
 @click.option("--seed", type=int, default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No stats footer after replies.")
+@penalty_options
 @friendly
 def chat(model: str, system: str | None, max_tokens: int, temperature: float, top_p: float,
          seed: int | None, quiet: bool, **kw) -> None:
     """Chat with a model in the terminal (default: the Read-ME SmolLM2)."""
+    from ..sampling import chat_penalties
+
+    penalties = chat_penalties(temperature, **pop_penalties(kw))
     engine = load_engine(model, engine_kwargs(kw))
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = list(base)
@@ -93,15 +98,17 @@ def chat(model: str, system: str | None, max_tokens: int, temperature: float, to
                 click.echo(f"unknown command {cmd}; {HELP}", err=True)
                 continue
             history.append({"role": "user", "content": line})
-            reply, stats = _reply(engine, history, max_tokens, temperature, top_p, seed)
+            reply, stats = _reply(engine, history, max_tokens, temperature, top_p, seed,
+                                  penalties)
             history.append({"role": "assistant", "content": reply})
             if not quiet and stats:
                 click.echo(_footer(stats), err=True)
 
 
-def _reply(engine, history, max_tokens, temperature, top_p, seed) -> tuple[str, dict]:
+def _reply(engine, history, max_tokens, temperature, top_p, seed,
+           penalties=None) -> tuple[str, dict]:
     stream = engine.chat_stream(history, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed)
+                                top_p=top_p, seed=seed, **(penalties or {}))
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: stream.cancel())  # Ctrl-C ends this reply only
     try:

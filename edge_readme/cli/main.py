@@ -8,6 +8,7 @@ import sys
 import click
 
 from .common import DEFAULT_MODEL, ProgressBars, engine_kwargs, friendly, load_engine, model_options
+from .penalties import penalty_options, pop_penalties
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,11 +86,15 @@ def _readable_plan(plan: dict) -> str:
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print text, token_ids and stats as JSON.")
 @click.option("--dry-run", is_flag=True, help="Print the memory plan and exit.")
+@penalty_options
 @friendly
 def generate(prompt: str, model: str, chat: bool, system: str | None, max_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, as_json: bool,
              dry_run: bool, **kw) -> None:
     """Complete PROMPT (raw completion; --chat for the chat template)."""
+    from ..sampling import chat_penalties
+
+    penalties = chat_penalties(temperature, **pop_penalties(kw))
     ekw = engine_kwargs(kw)
     if dry_run:
         from ..runtime import dry_run_plan
@@ -104,7 +109,7 @@ def generate(prompt: str, model: str, chat: bool, system: str | None, max_tokens
             msgs = ([{"role": "system", "content": system}] if system else [])
             text = engine.chat_prompt(msgs + [{"role": "user", "content": prompt}])
         stream = engine.stream(text, max_tokens=max_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed)
+                               top_p=top_p, top_k=top_k, seed=seed, **penalties)
         try:
             for chunk in stream:
                 if not as_json and chunk.text:

@@ -25,12 +25,15 @@ from . import allocate, calibrate, targets, train
 from . import functional as fn
 from . import recovery as rec
 from .corpus import by_domain, load_builtin, load_user_data, token_batches
+from .delta import FOLDER_DELTAS, Deltas
 from .masks import Masks, build_masks, check_fraction
 from .writer import check_target, write_moe_folder
 
 RECOVERY = ("none", "refit")
 ALLOCATION = ("sensitivity", "uniform")
 MIN_TOKENS_PER_CLUSTER = 64
+DELTA_LR = 2e-3  # AdamW lr of the low-rank factors (full-weight fine-tuning uses 1e-4): with
+# A ~ N(0, 1/D) a step moves a weight by about as much as a full-weight step does
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ def tokenize(docs, encode, seq_len: int, per_domain: int, heldout_per_domain: in
 
 
 def check_args(active_fraction: float, recovery: str, finetune_steps: int,
-               experts: int | None, allocation: str = "uniform") -> None:
+               experts: int | None, allocation: str = "uniform", delta_rank: int = 0) -> None:
     check_fraction(active_fraction)
     if recovery not in RECOVERY:
         raise DataError(f"recovery is {recovery!r}; expected one of {RECOVERY}")
@@ -86,6 +89,12 @@ def check_args(active_fraction: float, recovery: str, finetune_steps: int,
         raise DataError(f"layer allocation is {allocation!r}; expected one of {ALLOCATION}")
     if not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise DataError(f"finetune_steps is {finetune_steps!r}; expected an integer >= 0")
+    if not isinstance(delta_rank, int) or delta_rank < 0:
+        raise DataError(f"delta_rank is {delta_rank!r}; expected an integer >= 0 (0: train the "
+                        "full expert weights)")
+    if delta_rank and not finetune_steps:
+        raise DataError(f"delta_rank is {delta_rank} but finetune_steps is 0; the low-rank "
+                        "corrections are trained by the fine-tuning, so give --finetune-steps N")
     if experts is not None and (not isinstance(experts, int) or experts < 2):
         raise DataError(f"experts is {experts!r}; a Read-ME MoE needs at least 2 experts")
 
@@ -139,15 +148,18 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
              force=False, progress=True, routing="global", router_steps=400,
              router_config: RouterConfig | None = None, cache_dir=None,
              heldout_sequences=4, allocation="sensitivity", domains=None, expert_format="auto",
-             _on_done=None) -> dict[str, Any]:
+             delta_rank=0, delta_lr=DELTA_LR, _on_done=None) -> dict[str, Any]:
     """Refactor the dense model at `model_path` into a MoE folder at `out`; returns a report.
 
     `allocation`: "sensitivity" spreads the active neurons over layers by their measured
     fragility (allocate.py; the mean per layer stays `active_fraction`), "uniform" keeps
     `active_fraction` of every layer. `domains`: only these domains of the data, one expert
-    each."""
+    each. `delta_rank` > 0: the fine-tuning trains rank-`delta_rank` corrections to the experts
+    (delta.py, lr `delta_lr`) instead of their full weights; they are merged into the written
+    weights and also kept, with the router the refit was routed by, in the folder's
+    `deltas.safetensors` (what `build_default.export_artifacts` ships)."""
     out = Path(out)
-    check_args(active_fraction, recovery, finetune_steps, experts, allocation)
+    check_args(active_fraction, recovery, finetune_steps, experts, allocation, delta_rank)
     if expert_format != "auto":
         expert_format = dtype_name(expert_format)  # a bad --expert-format fails before the work
     check_target(out, force)
@@ -187,10 +199,20 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
                             loaded.config.num_layers, routing)
     if recovery == "refit":
         rec.refit(bb, layers, seqs, route, progress=progress, dtype=fast.dtype)
+    extra = None
     if finetune_steps:
+        deltas = Deltas.create(layers, delta_rank, seed) if delta_rank else None
+        if deltas is not None:
+            extra = {f"refit_{k}": v.detach().clone() for k, v in router.state_tensors().items()}
         report["finetune"] = _last(train.finetune(
             bb, layers, router, seqs, soft, finetune_steps, seed=seed, progress=progress,
-            expert_seqs=finetune_sequences(docs, tok.encode, min(seq_len, 128))))
+            expert_seqs=finetune_sequences(docs, tok.encode, min(seq_len, 128)),
+            expert_lr=delta_lr if deltas is not None else 1e-4, deltas=deltas))
+        if deltas is not None:
+            deltas.merge_into(layers)
+            extra = {**deltas.to_tensors(), **{k: v.half() for k, v in extra.items()}}
+            report["delta"] = {"rank": delta_rank, "lr": delta_lr,
+                               "parameters": deltas.num_parameters()}
         report["router_accuracy_after_finetune"] = heldout_accuracy(
             router, cal, held_codes, masks, routing)
     report["params"] = moe_params(loaded.config, masks, router)
@@ -205,7 +227,8 @@ def refactor(model_path, out, data=None, experts=None, active_fraction=0.5, fine
         write_moe_folder(out, config, bb, layers, router.state_tensors(), masks, tok,
                          loaded.chat_template, _provenance(report, seq_len, sequences_per_domain,
                                                            seed, model_path), force,
-                         expert_format=expert_format)
+                         expert_format=expert_format,
+                         extra={FOLDER_DELTAS: extra} if extra else None)
     return report
 
 

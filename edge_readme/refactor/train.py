@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from edge_readme.router import Router
 
 from . import functional as fn
+from .delta import Deltas
 from .targets import as_path
 
 ROUNDS = 5  # Read-ME alternates router and expert tuning about five times
@@ -126,9 +127,13 @@ def distill_loss(bb: fn.Backbone, layers: list[fn.MoELayer], ids: torch.Tensor,
 
 def train_experts(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router,
                   seqs: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
-                  bar: tqdm | None = None, step0: int = 0) -> list[float]:
-    """Distil the dense model into the experts (shared and routed) with the router frozen."""
-    params = [p for layer in layers for p in layer.parameters()]
+                  bar: tqdm | None = None, step0: int = 0,
+                  deltas: Deltas | None = None) -> list[float]:
+    """Distil the dense model into the experts (shared and routed) with the router frozen.
+
+    With `deltas`, only their low-rank factors train (the layers' weights stay as they are)."""
+    params = (deltas.parameters() if deltas is not None
+              else [p for layer in layers for p in layer.parameters()])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -138,7 +143,8 @@ def train_experts(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router,
         with torch.no_grad():
             route = as_path(router.forward_batch(ids).argmax(-1), bb.config.num_layers,
                             router.routing)
-        loss = distill_loss(bb, layers, ids, route)
+        student = deltas.apply(layers) if deltas is not None else layers
+        loss = distill_loss(bb, student, ids, route)
         opt.zero_grad()
         loss.backward()
         _average_grads(params)
@@ -155,16 +161,19 @@ def train_experts(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router,
 def finetune(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router, seqs: torch.Tensor,
              target: torch.Tensor, steps: int, seq_len: int = 128, batch: int = 4,
              router_lr: float = 1e-3, expert_lr: float = 1e-4, seed: int = 0,
-             progress: bool = True,
-             expert_seqs: torch.Tensor | None = None) -> dict[str, list[float]]:
+             progress: bool = True, expert_seqs: torch.Tensor | None = None,
+             deltas: Deltas | None = None) -> dict[str, list[float]]:
     """`steps` optimiser steps in ROUNDS rounds of router then expert tuning, lr decaying.
 
     The router rounds fit `target` on `seqs`; the expert rounds distil the dense model on
     `expert_seqs` (default `seqs`), which needs no targets and so can be far more text: with only
-    the calibration sequences, a few hundred steps overfit them."""
+    the calibration sequences, a few hundred steps overfit them. With `deltas` the expert rounds
+    train their low-rank factors instead of the weights (pass `expert_lr` for them; merging them
+    into the layers is the caller's)."""
     seqs, target = seqs[:, :seq_len], target[:, :seq_len]
     expert_seqs = seqs if expert_seqs is None else expert_seqs[:, :seq_len]
-    sync_params([p for layer in layers for p in layer.parameters()] + list(router.parameters()))
+    sync_params([p for layer in layers for p in layer.parameters()] + list(router.parameters())
+                + (deltas.parameters() if deltas is not None else []))
     rounds = max(1, min(ROUNDS, steps // 3))
     log: dict[str, list[float]] = {"router": [], "experts": []}
     with tqdm(total=steps, desc="fine-tune", unit="step",
@@ -179,6 +188,7 @@ def finetune(bb: fn.Backbone, layers: list[fn.MoELayer], router: Router, seqs: t
                                               batch, seed + 7 * r, progress=False)
                 bar.update(n - n_exp)
             log["experts"] += train_experts(bb, layers, router, expert_seqs, n_exp,
-                                            expert_lr * decay, batch, seed + 13 * r, bar, done)
+                                            expert_lr * decay, batch, seed + 13 * r, bar, done,
+                                            deltas)
             done += n
     return log

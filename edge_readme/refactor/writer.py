@@ -77,8 +77,10 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
                      layers: list[fn.MoELayer], router_tensors: dict[str, torch.Tensor],
                      masks: Masks, tokenizer, chat_template: str | None,
                      provenance: dict[str, Any], force: bool = False,
-                     dtype: torch.dtype = torch.float16, expert_format: str = "auto") -> Path:
-    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer.
+                     dtype: torch.dtype = torch.float16, expert_format: str = "auto",
+                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write the whole folder atomically; `tokenizer` is an edge_readme Tokenizer; `extra` maps
+    more safetensors file names to their tensors (the trained deltas).
 
     expert_format: "q4" (int4 experts and projections), a float dtype name for the experts
     ("f16", "bf16", "f32"; other tensors are stored in `dtype`), or "auto": q4 where the hidden
@@ -97,6 +99,8 @@ def write_moe_folder(out: str | os.PathLike, config: ModelConfig, bb: fn.Backbon
     try:
         _write_files(tmp, config, bb, layers, router_tensors, masks, tokenizer, chat_template,
                      {**provenance, "expert_format": expert_format}, dtype, expert_format)
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
         _fsync_tree(tmp)
         _swap_in(tmp, out, force)
     except OSError as exc:

@@ -136,14 +136,16 @@ def sampling(body: dict, limits: Limits) -> dict[str, Any]:
     if not isinstance(stop, list) or len(stop) > 4 \
             or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop: expected a non-empty string or a list of up to 4 of them", "stop")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     kw = {
         "max_tokens": max_tokens,
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "temperature": temperature,
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         "top_k": _integer(body, "top_k", 0, 0),
         "seed": _integer(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
         "stop": tuple(stop),
         "ignore_eos": _flag(body, "ignore_eos"),  # an extension (as in vLLM): run to max_tokens
+        **penalties(body, temperature),
     }
     _check_sampler(kw)
     return kw
@@ -159,6 +161,22 @@ def _check_sampler(kw: dict[str, Any]) -> None:
                        seed=kw["seed"])
     except RequestError as e:
         raise bad(str(e), str(e).split(":", 1)[0]) from None
+
+
+def penalties(body: dict, temperature: float) -> dict[str, Any]:
+    """OpenAI's frequency/presence penalties plus the repetition_penalty and no_repeat_ngram_size
+    extensions (as in vLLM / HF); unset ones follow sampling.chat_penalties."""
+    from edge_readme.sampling import chat_penalties
+
+    rep = _number(body, "repetition_penalty", None, 0.0, 10.0)  # type: ignore[arg-type]
+    if rep is not None and rep <= 0:
+        raise bad(f"repetition_penalty: expected a number in (0, 10], got {rep}",
+                  "repetition_penalty")
+    return chat_penalties(
+        temperature, repetition_penalty=rep,
+        frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),  # type: ignore
+        presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),  # type: ignore
+        no_repeat_ngram=_integer(body, "no_repeat_ngram_size", None, 0))
 
 
 def streaming(body: dict) -> tuple[bool, bool]:
