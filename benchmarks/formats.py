@@ -71,8 +71,13 @@ def peer_rss(gguf: str, ctx: int, threads: int, ids: list[int], n: int) -> int:
         f"for _ in range({n}):\n"
         "    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])\n"
         f"{HWM}\n")
+    return child_peak(code, 300)
+
+
+def child_peak(code: str, timeout: int) -> int:
+    """Run `code` (which prints its VmHWM last) in a fresh interpreter; its peak RSS in bytes."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True)
+                         timeout=timeout, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -88,9 +93,7 @@ def our_rss(model: str, weights: str, ctx: int, threads: int, ids: list[int], n:
         f"e.generate({ids!r}, max_tokens={n}, ignore_eos=True)\n"
         "e.close()\n"
         f"{HWM}\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return child_peak(code, 600)
 
 
 def decode_rate(engine, ids: list[int], n: int) -> float:
