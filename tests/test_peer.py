@@ -83,7 +83,9 @@ def peer(gguf_path):
 def engine(gguf_path, peer):
     from edge_readme import Engine
 
-    with Engine.load(str(gguf_path), device="cpu", context_length=1024) as e:
+    # float32: exactly the GGUF's dequantized values, the comparison these bounds were set for
+    # (q4's bfloat16 kernel inputs and int8 head round once more; README "Weight formats")
+    with Engine.load(str(gguf_path), device="cpu", context_length=1024, weights="f32") as e:
         yield e
 
 
