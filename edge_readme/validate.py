@@ -239,8 +239,8 @@ def check_moe(moe: Any, source: Any, num_layers: int) -> None:
     routing = moe.get("routing", "global")
     if routing not in ("global", "per_layer"):
         raise fail(source, "moe.routing", routing, "'global' or 'per_layer'")
-    shared = moe.get("shared_sizes", [])
-    if not isinstance(shared, list) or (shared and len(shared) != num_layers):
+    shared = moe.get("shared_sizes", [])  # the model builds one shared expert per layer
+    if not isinstance(shared, list) or len(shared) != num_layers:
         raise fail(source, "moe.shared_sizes", shared,
                    f"a list of {num_layers} integers (one per layer)")
     for i, s in enumerate(shared):

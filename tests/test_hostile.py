@@ -156,6 +156,9 @@ HF_CASES = {
     "kv-heads-0": (_config_edit(num_key_value_heads=0), "num_key_value_heads"),
     "kv-heads-not-dividing": (_config_edit(num_key_value_heads=3), "num_key_value_heads"),
     "moe-list": (_config_edit(moe=[1, 2]), "moe"),
+    # found by the fuzzer: a MoE config whose shared sizes are missing (one is built per layer)
+    "moe-no-shared-sizes": (_config_edit(moe={"num_experts": 2, "shared_sizes": []}),
+                            "shared_sizes"),
     "config-not-object": (_write("config.json", "[1, 2, 3]"), "JSON object"),
     "config-deep": (_write("config.json", "[" * 100000 + "]" * 100000), "JSON"),
     "config-fifo": (_fifo("config.json"), "not a regular file"),
