@@ -272,15 +272,10 @@ def _assign(mod: nn.Module, name: str, w: Weight) -> None:
         setattr(mod, name, w)
 
 
-def _pad_ffn(gate_up: torch.Tensor, down: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
-    """Zero neurons up to `rows` (exact: silu(0) * 0 = 0), so quantized kernels' blocks fit."""
-    r = down.shape[1]
-    if rows == r:
-        return gate_up, down
-    g, u = gate_up.split(r)
-    pad = gate_up.new_zeros(rows - r, gate_up.shape[1])
-    return torch.cat([g, pad, u, pad]), torch.cat([down, down.new_zeros(down.shape[0], rows - r)],
-                                                  dim=1)
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """[r, D] -> [rows, D] with zero rows (zero neurons: silu(0) * 0 = 0, exact), so quantized
+    kernels' blocks fit."""
+    return w if w.shape[0] == rows else torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
 
 
 def padded_rows(rows: int, weights: str | None) -> int:
@@ -299,10 +294,14 @@ def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str 
         moe = c.moe is not None
         mlp, ffn = (p + "mlp.shared.", b + "ffn.shared") if moe else (p + "mlp.", b + "ffn")
 
-        def gate_up_down(mlp=mlp):
-            gu = torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]])
-            down = tensors[mlp + "down_proj.weight"]
-            return _pad_ffn(gu, down, padded_rows(down.shape[1], weights))
+        def gate_up(mlp=mlp):
+            rows = padded_rows(tensors[mlp + "down_proj.weight"].shape[1], weights)
+            return torch.cat([_pad_rows(tensors[mlp + f"{n}_proj.weight"], rows)
+                              for n in ("gate", "up")])
+
+        def down(mlp=mlp):
+            w = tensors[mlp + "down_proj.weight"]
+            return _pad_rows(w.t(), padded_rows(w.shape[1], weights)).t()
 
         specs += [
             (b[:-1], "attn_norm", lambda p=p: tensors[p + "input_layernorm.weight"], "norm"),
@@ -314,8 +313,8 @@ def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str 
             *([(b + "attn", "bqkv", lambda p=p: torch.cat(
                 [tensors[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]), "norm")]
               if c.attention_bias else []),
-            (ffn, "w_gate_up", lambda f=gate_up_down: f()[0], "proj"),
-            (ffn, "w_down", lambda f=gate_up_down: f()[1], "down"),
+            (ffn, "w_gate_up", gate_up, "proj"),
+            (ffn, "w_down", down, "down"),
         ]
     return specs
 

@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 
 from edge_readme import Engine, ModelFormatError  # noqa: E402
 from edge_readme.server import EngineHolder, Limits, create_app, serve_loading  # noqa: E402
+from tests.serving_util import background  # noqa: E402
 from tests.tiny_dense import write_tiny_dense  # noqa: E402
 
 KEY = "sekret"
@@ -29,18 +30,8 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 def running(app):
     """Serve `app` from a background thread on a free port; yield the base URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with background(server) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from edge_readme.server import Limits, create_app  # noqa: E402
 from edge_readme.server import protocol as P  # noqa: E402
 from edge_readme.server.app import _server, check_api_key  # noqa: E402
 from edge_readme.tokenizer import Tokenizer  # noqa: E402
+from tests.serving_util import background  # noqa: E402
 from tests.tiny_dense import write_tiny_dense  # noqa: E402
 from tests.tiny_models import tiny_spec  # noqa: E402
 
@@ -38,18 +39,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @contextlib.contextmanager
 def running(app, header_timeout: float = 1.0):
     server = _server(app, "127.0.0.1", 0, "warning", header_timeout=header_timeout)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with background(server) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
