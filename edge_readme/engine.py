@@ -186,6 +186,9 @@ class Engine:
                 raise EdgeReadmeError(f"--schedule: unknown {batching['schedule']!r}; use one "
                                       "of " + ", ".join(POLICIES))
         path = resolve(model, progress=progress)
+        from .memory import bound_heap, trim_heap
+
+        bound_heap()  # the loader's temporaries go back to the OS as they are freed
         progress("read", 0.0)
         loaded = load_model(path)
         progress("read", 1.0)
@@ -196,9 +199,7 @@ class Engine:
 
         make_policy(policy)  # refuse an unknown policy before loading weights
         runtime = Runtime(loaded, opts, on_progress=progress)
-        del loaded  # the loader's float32 copies: free them, and the heap they held
-        from .memory import trim_heap
-
+        del loaded  # the loader's open files, and the heap its reads held
         trim_heap()
         try:
             return cls(runtime, tokenizer, path, str(model),

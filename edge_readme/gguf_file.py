@@ -27,6 +27,9 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
+DEQUANT_ROWS = 2048  # rows dequantized at a time
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -171,9 +174,23 @@ class GGUFFile:
             return data.view(dt).reshape(*reversed(t.shape))
         return data.reshape(rows, t.nbytes // rows)
 
-    def dequantize(self, t: TensorInfo) -> np.ndarray:
-        """float32 array in row-major (numpy) order: GGUF's shape reversed."""
+    def dequantize(self, t: TensorInfo, start: int | None = None,
+                   stop: int | None = None) -> np.ndarray:
+        """float32 array in row-major (numpy) order: GGUF's shape reversed. start, stop: only
+        those rows of a matrix, as [rows, columns]."""
         import gguf
 
-        arr = gguf.quants.dequantize(self.raw(t), gguf.GGMLQuantizationType(t.qtype))
-        return np.asarray(arr, dtype=np.float32).reshape(*reversed(t.shape))
+        qt = gguf.GGMLQuantizationType(t.qtype)
+        raw = self.raw(t)
+        if raw.ndim != 2 or raw.dtype != np.uint8:  # F32 / F16: a view of the file
+            arr = np.asarray(raw, dtype=np.float32)
+            if start is None:
+                return arr.reshape(*reversed(t.shape))
+            return arr.reshape(-1, t.shape[0])[start:stop]
+        if start is not None:
+            return gguf.quants.dequantize(raw[start:stop], qt).reshape(-1, t.shape[0])
+        out = np.empty((raw.shape[0], int(np.prod(t.shape[:1]))), dtype=np.float32)
+        for r in range(0, raw.shape[0], DEQUANT_ROWS):  # by rows: its temporaries stay small
+            out[r:r + DEQUANT_ROWS] = gguf.quants.dequantize(raw[r:r + DEQUANT_ROWS], qt) \
+                .reshape(-1, out.shape[1])
+        return out.reshape(*reversed(t.shape))

@@ -3,6 +3,11 @@
 Weights come out as `(name, float32 tensor)` pairs under Hugging Face names, whatever the file held;
 GGUF's permuted q/k rows are put back in Hugging Face order. This module knows nothing about
 devices, dtypes of compute, or experts.
+
+The weights are not read at load: `LoadedModel.tensors` is a `LazyTensors` mapping that knows every
+name and shape from the file's header and dequantizes a tensor only when it is looked up (and keeps
+no copy). The runtime converts each weight to its format as it builds, so a 4-bit model never has a
+float32 copy of the whole file in memory, only of the tensor being converted.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,6 +69,65 @@ class TokenizerSpec:
     eos_token_id: int | None = None
     add_bos: bool = False
     add_space_prefix: bool = False
+
+
+class LazyTensors(Mapping):
+    """Name -> float tensor, read (and dequantized) on each lookup; shapes known up front.
+
+    A lookup returns a fresh tensor that nothing else holds, so dropping it frees it. Code that
+    needs many passes over the weights (refactoring, calibration) takes `dict(tensors)` once."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], fetch: Callable[..., torch.Tensor],
+                 keep: Any = None):
+        self._shapes, self._fetch = shapes, fetch  # fetch(name) or fetch(name, start, stop)
+        self._keep = keep  # the open file handles the fetcher reads from
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise KeyError(name)
+        return self._fetch(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def rows(self, name: str) -> "Rows":
+        return Rows(self._shapes[name], lambda a, b: self._fetch(name, a, b))
+
+
+class Rows:
+    """A matrix handed out a block of rows at a time: an embedding table or output head of
+    150k rows is never whole in float32 while it is converted to its format."""
+
+    BLOCK = 2048
+
+    def __init__(self, shape: tuple[int, ...], fetch: Callable[[int, int], torch.Tensor]):
+        self.shape, self._fetch = tuple(shape), fetch
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        for a in range(0, self.shape[0], self.BLOCK):
+            yield self._fetch(a, min(a + self.BLOCK, self.shape[0]))
+
+
+def row_source(tensors: Mapping[str, Any], name: str) -> "torch.Tensor | Rows":
+    """A plain (unpermuted, unconcatenated) matrix as row blocks where the loader can, else
+    the tensor."""
+    return tensors.rows(name) if isinstance(tensors, LazyTensors) else tensors[name]
+
+
+def shape_of(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    """A weight's shape without reading it, where the mapping knows it (`LazyTensors`)."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.shape(name)
+    return tuple(tensors[name].shape)
 
 
 @dataclass
@@ -142,13 +207,12 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     g = _open_gguf(path)
     config = ModelConfig.from_gguf_fields(g.fields, str(path))
-    tensors: dict[str, torch.Tensor] = {}
-    for t in g.tensors:
-        name = _gguf_to_hf(t.name)
-        if name is None:
-            continue  # rope_freqs and other tensors we derive ourselves
+    infos = {name: t for t in g.tensors if (name := _gguf_to_hf(t.name)) is not None}
+    # (rope_freqs and other tensors we derive ourselves have no name here)
+
+    def rows(t, start: int | None, stop: int | None) -> np.ndarray:
         try:
-            arr = g.dequantize(t)
+            return g.dequantize(t, start, stop)
         except NotImplementedError:
             raise ModelFormatError(
                 f"{path}: tensor {t.name} has type {t.type_name}, which the gguf package "
@@ -157,14 +221,22 @@ def _load_gguf(path: Path) -> LoadedModel:
         except (ValueError, IndexError) as e:
             raise ModelFormatError(f"{path}: tensor {t.name} is truncated or corrupt ({e}); "
                                    "download or export the file again") from None
+
+    def fetch(name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        permuted = config.architecture == "llama" and name.endswith(("q_proj.weight",
+                                                                      "k_proj.weight"))
+        if permuted and start is not None:
+            raise ValueError(f"{name}: its rows are permuted per head; read it whole")
+        arr = rows(infos[name], start, stop)
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))
-        if config.architecture != "llama":
-            pass  # qwen2 GGUFs keep Hugging Face row order (llama.cpp rotates it NEOX-style)
-        elif name.endswith("q_proj.weight"):
-            w = _unpermute(w, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute(w, config.num_kv_heads)
-        tensors[name] = w
+        if permuted:  # qwen2 GGUFs keep Hugging Face row order (llama.cpp rotates NEOX-style)
+            w = _unpermute(w, config.num_heads if name.endswith("q_proj.weight")
+                           else config.num_kv_heads)
+        return w
+
+    for t in infos.values():  # every type dequantizes (one row each) before the build
+        rows(t, 0, 1)
+    tensors = LazyTensors({n: tuple(reversed(t.shape)) for n, t in infos.items()}, fetch, g)
     config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in tensors)
     _check_tensors(config, tensors, str(path))
     spec = _gguf_tokenizer(g.fields, path)
@@ -231,29 +303,70 @@ def safetensors_files(folder: Path) -> list[Path]:
                            "(pickles are never loaded)")
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safe_open(path: Path):
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
         raise ModelFormatError(f"{path}: missing shard named by the model's index")
     validate.check_regular(path, "safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        return safe_open(str(path), framework="pt")
     except SafetensorError as e:
         raise ModelFormatError(f"{path}: not a valid safetensors file or truncated ({e}); "
                                "download or export it again") from None
 
 
+def _folder_tensors(folder: Path) -> LazyTensors:
+    """The folder's tensors, lazily: floats come out as float32, and each 4-bit matrix
+    (`NAME.q4` + `NAME.q4_scale` + `NAME.q4_min`) as the float32 `NAME` it encodes."""
+    from safetensors import SafetensorError
+
+    from .quant.q4 import decode_plain
+
+    where: dict[str, tuple[Any, Path]] = {}
+    meta: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in safetensors_files(folder):
+        f = _safe_open(path)
+        for name in f.keys():
+            sl = f.get_slice(name)
+            where[name] = (f, path)
+            meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    shapes = {n: sh for n, (sh, _) in meta.items()}
+    for name in [n for n in meta if n.endswith(".q4")]:
+        base = name[:-3]
+        (q, qd), scale, lo = meta[name], meta.get(base + ".q4_scale"), meta.get(base + ".q4_min")
+        if scale is None or lo is None or qd != "U8" or len(q) != 2 \
+                or scale[1] not in ("F16", "BF16", "F32") or scale != lo \
+                or scale[0] != (q[0], q[1] * 2 // 32):
+            raise ModelFormatError(f"{folder}: 4-bit tensor {base}: expected uint8 {base}.q4 "
+                                   f"[N, K/2] with float {base}.q4_scale and {base}.q4_min "
+                                   "[N, K/32]; the model folder is corrupt: rebuild it")
+        for n in (name, base + ".q4_scale", base + ".q4_min"):
+            del shapes[n]
+        shapes[base] = (q[0], q[1] * 2)
+
+    def get(name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        f, path = where[name]
+        try:
+            return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+        except SafetensorError as e:
+            raise ModelFormatError(f"{path}: tensor {name} is truncated or corrupt ({e}); "
+                                   "rebuild or download the model again") from None
+
+    def fetch(name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        if name not in where:  # a 4-bit matrix
+            return decode_plain(*(get(name + x, start, stop)
+                                  for x in (".q4", ".q4_scale", ".q4_min")))
+        t = get(name, start, stop)
+        return t.float() if t.is_floating_point() else t
+
+    return LazyTensors(shapes, fetch, where)
+
+
 def _load_hf_folder(folder: Path) -> LoadedModel:
     cfg_path = folder / "config.json"
     config = ModelConfig.from_hf_dict(_read_json(cfg_path), str(cfg_path))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(folder):
-        for name, t in iter_safetensors(f):
-            tensors[name] = t.float() if t.is_floating_point() else t
-    _decode_q4(tensors, folder)
+    tensors = _folder_tensors(folder)
     if "lm_head.weight" not in tensors and not config.tie_embeddings:
         import dataclasses
 
@@ -284,23 +397,6 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
                          add_bos=bool(special.get("add_bos_token", False)))
     template = template if isinstance(template, str) else None
     return LoadedModel(config, tensors, spec, template, folder)
-
-
-def _decode_q4(tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """`NAME.q4` + `NAME.q4_scale` + `NAME.q4_min` (4-bit matrices) -> float32 `NAME`."""
-    from .quant.q4 import decode_plain
-
-    for name in [n for n in tensors if n.endswith(".q4")]:
-        base = name[:-3]
-        parts = [tensors.pop(name), tensors.pop(base + ".q4_scale", None),
-                 tensors.pop(base + ".q4_min", None)]
-        q, scale, lo = parts
-        if scale is None or lo is None or q.dtype != torch.uint8 or q.dim() != 2 \
-                or scale.shape != lo.shape or scale.shape != (q.shape[0], q.shape[1] * 2 // 32):
-            raise ModelFormatError(f"{folder}: 4-bit tensor {base}: expected uint8 {base}.q4 "
-                                   f"[N, K/2] with float {base}.q4_scale and {base}.q4_min "
-                                   "[N, K/32]; the model folder is corrupt: rebuild it")
-        tensors[base] = decode_plain(q, scale, lo)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -339,8 +435,8 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source
     validate.check_finite_norms(tensors, source)
     want = expected_shapes(config)
     missing = [k for k in want if k not in tensors]
-    wrong = [f"{k}: expected {want[k]}, found {tuple(tensors[k].shape)}"
-             for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    wrong = [f"{k}: expected {want[k]}, found {shape_of(tensors, k)}"
+             for k in want if k in tensors and shape_of(tensors, k) != want[k]]
     if missing or wrong:
         parts = []
         if missing:

@@ -33,6 +33,25 @@ def trim_heap() -> bool:
     return bool(trim(0))
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@functools.lru_cache(maxsize=1)
+def bound_heap(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `threshold` bytes or more with their own mappings, returned to the
+    OS when freed (glibc's M_MMAP_THRESHOLD; process-wide, set once).
+
+    glibc's default threshold starts at 128 KiB and rises to the size of any mapped block that
+    is freed, up to 32 MiB: after a load's first big temporaries are freed, the next ones come
+    from the heap and stay there, and the process RSS stays above what the budget counts. With a
+    fixed threshold the loader's per-block temporaries come and go with their mappings. Decode
+    steps allocate far below 1 MiB; a long prefill's activation buffers are mapped afresh
+    (measured: see README 'Memory'). False where there is no glibc."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False
+
+
 def release_tensors(*modules: nn.Module | None) -> None:
     """Free every parameter's and buffer's storage (each becomes an empty tensor of its dtype and
     device), so a closed model's memory comes back even while the objects are still referenced."""

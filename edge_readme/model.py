@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .loader import row_source, shape_of
 from .quant import Weight, convert, embedding, linear, nbytes
 
 
@@ -285,17 +286,17 @@ def padded_rows(rows: int, weights: str | None) -> int:
 def weight_specs(c: ModelConfig, tensors: dict[str, torch.Tensor], weights: str | None):
     """(module path, attribute, tensor maker, role) for every weight, in build order; the
     memory plan walks the same list, so planned and built bytes agree."""
-    specs = [("", "embed", lambda: tensors["model.embed_tokens.weight"], "embed"),
+    specs = [("", "embed", lambda: row_source(tensors, "model.embed_tokens.weight"), "embed"),
              ("", "norm", lambda: tensors["model.norm.weight"], "norm")]
     if not c.tie_embeddings:
-        specs.append(("", "lm_head", lambda: tensors["lm_head.weight"], "proj"))
+        specs.append(("", "lm_head", lambda: row_source(tensors, "lm_head.weight"), "proj"))
     for i in range(c.num_layers):
         p, b = f"model.layers.{i}.", f"layers.{i}."
         moe = c.moe is not None
         mlp, ffn = (p + "mlp.shared.", b + "ffn.shared") if moe else (p + "mlp.", b + "ffn")
 
         def gate_up(mlp=mlp):
-            rows = padded_rows(tensors[mlp + "down_proj.weight"].shape[1], weights)
+            rows = padded_rows(shape_of(tensors, mlp + "down_proj.weight")[1], weights)
             return torch.cat([_pad_rows(tensors[mlp + f"{n}_proj.weight"], rows)
                               for n in ("gate", "up")])
 
@@ -334,7 +335,7 @@ def spec_shape(c: ModelConfig, tensors: dict[str, torch.Tensor], path: str, name
         return (c.hidden_size, c.q_dim)
     layer = int(path.split(".")[1])
     pre = f"model.layers.{layer}.mlp." + ("shared." if c.moe is not None else "")
-    rows = padded_rows(tensors[pre + "down_proj.weight"].shape[1], weights)
+    rows = padded_rows(shape_of(tensors, pre + "down_proj.weight")[1], weights)
     return (2 * rows, c.hidden_size) if name == "w_gate_up" else (c.hidden_size, rows)
 
 
@@ -351,6 +352,7 @@ def build_transformer(c: ModelConfig, tensors: dict[str, torch.Tensor], device, 
     for path, name, make, role in weight_specs(c, tensors, weights):
         t = make()
         if weights is None or role == "norm":
+            t = t if isinstance(t, torch.Tensor) else torch.cat(list(t.blocks()))
             w = t.to(device=device, dtype=dtype).contiguous()
         else:
             w = convert(t, weights, role, device)

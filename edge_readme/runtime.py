@@ -10,6 +10,7 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,7 +21,7 @@ from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
 from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
-from .loader import LoadedModel
+from .loader import LoadedModel, shape_of
 from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
 from .quant import experts as qexperts
 from .threads import Anchor
@@ -135,7 +136,7 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
         else:
             four = role == "down" and quant.four_bit(fmt, make(), role)
             dense_bytes += quant.planned_nbytes(fmt, shape, role, device, four)
-    dense_bytes += sum(t.numel() * 4 for n, t in loaded.tensors.items()
+    dense_bytes += sum(math.prod(shape_of(loaded.tensors, n)) * 4 for n in loaded.tensors
                        if n.startswith("router."))  # the router stays float32
     seqs = max(1, o.max_batch)  # one KV cache (and router cache) per sequence slot
     if c.moe is not None:  # the router's rope tables, and its keys/values for the context

@@ -399,7 +399,7 @@ def check_finite_norms(tensors: Mapping[str, Any], source: Any) -> None:
     """NaN or inf in a norm weight poisons every token; report it at load (norms are small)."""
     import torch
 
-    for name, t in tensors.items():
-        if name.endswith("norm.weight") and not bool(torch.isfinite(t).all()):
+    for name in tensors:  # names first: a lazy loader reads only the norms
+        if name.endswith("norm.weight") and not bool(torch.isfinite(tensors[name]).all()):
             raise ModelFormatError(f"{source}: tensor {name} holds NaN or inf; expected finite "
                                    f"weights. {_FIX[0].upper() + _FIX[1:]}")

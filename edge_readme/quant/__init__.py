@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_readme.errors import EdgeReadmeError
+from edge_readme.loader import Rows
 
 from . import q4, q8
 from .q4 import Q4Weight
@@ -113,15 +114,21 @@ def planned_nbytes(fmt: str, shape: tuple[int, ...], role: str, device: torch.de
     return numel * dt.itemsize
 
 
-def convert(w: torch.Tensor, fmt: str, role: str, device: torch.device) -> Weight:
-    """A float weight -> its held form on `device` (quantized on the CPU, then moved)."""
-    form = weight_form(fmt, tuple(w.shape), role, device, four_bit(fmt, w, role))
+def convert(w: torch.Tensor | Rows, fmt: str, role: str, device: torch.device) -> Weight:
+    """A float weight -> its held form on `device` (quantized on the CPU, then moved). w may be
+    a `Rows` source (a big table read a block at a time): no whole float copy is made."""
+    whole = isinstance(w, torch.Tensor)
+    form = weight_form(fmt, tuple(w.shape), role, device, whole and four_bit(fmt, w, role))
+    src = w if whole else w.blocks()
     if form == "q4":
-        return Q4Weight.quantize(w, torch.float32).to(device) if device.type != "cpu" \
-            else Q4Weight.quantize(w, act_dtype(fmt, device))
+        return Q4Weight.quantize(src, torch.float32).to(device) if device.type != "cpu" \
+            else Q4Weight.quantize(src, act_dtype(fmt, device))
     if form == "q8":
-        return Q8Weight.quantize(w, act_dtype(fmt, device))
-    return w.to(device=device, dtype=compute_dtype(fmt, device)).contiguous()
+        return Q8Weight.quantize(src, act_dtype(fmt, device))
+    dtype = compute_dtype(fmt, device)
+    if not whole:
+        return torch.cat([b.to(device=device, dtype=dtype) for b in src])
+    return w.to(device=device, dtype=dtype).contiguous()
 
 
 def four_bit(fmt: str, w: torch.Tensor, role: str) -> bool:

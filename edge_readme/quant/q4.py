@@ -13,6 +13,7 @@ b*64 + j in its low nibble and row b*64 + 32 + j in its high nibble, column k. S
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ ROW_BLOCK = 64  # the packed layout interleaves rows in blocks of 64
 
 def eligible(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % ROW_BLOCK == 0 and shape[1] % GROUP == 0
+
+
+CHUNK_ROWS = 2048  # rows quantized at a time (an embedding table's float temporaries add up)
 
 
 def _grid_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,10 +158,15 @@ class Q4Weight:
     shape: tuple[int, int]
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> Q4Weight:
-        N, K = w.shape
-        q, scale, lo = _grid_fit(w.detach().float().reshape(N, K // GROUP, GROUP))
-        return cls.from_parts(pack(q.view(N, K)), scale, lo, dtype)
+    def quantize(cls, w: torch.Tensor | Iterable[torch.Tensor],
+                 dtype: torch.dtype = torch.float32) -> Q4Weight:
+        """w: a [N, K] float matrix, or an iterable of its row blocks in order (a big table
+        read a block at a time, never whole in float32)."""
+        blocks = w.split(CHUNK_ROWS) if isinstance(w, torch.Tensor) else w
+        parts = [_grid_fit(rows.detach().float().reshape(rows.shape[0], -1, GROUP))
+                 for rows in blocks]  # by rows: the fit's temporaries stay small
+        q, scale, lo = (torch.cat(x) for x in zip(*parts))
+        return cls.from_parts(pack(q.view(q.shape[0], -1)), scale, lo, dtype)
 
     @classmethod
     def from_parts(cls, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,

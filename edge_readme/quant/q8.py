@@ -6,6 +6,7 @@ and a tied output head runs the same table through the kernel (one copy, not two
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,16 @@ class Q8Weight:
     scale: torch.Tensor  # [out], activation dtype
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> Q8Weight:
-        wf = w.detach().float()
-        scale = wf.abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
-        q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.to(dtype))
+    def quantize(cls, w: torch.Tensor | Iterable[torch.Tensor],
+                 dtype: torch.dtype = torch.float32) -> Q8Weight:
+        """w: a [out, in] float matrix, or an iterable of its row blocks in order."""
+        qs, scales = [], []
+        for rows in (w.split(2048) if isinstance(w, torch.Tensor) else w):  # small temporaries
+            wf = rows.detach().float()
+            scale = wf.abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
+            qs.append(torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            scales.append(scale)
+        return cls(torch.cat(qs).contiguous(), torch.cat(scales).to(dtype))
 
     @property
     def shape(self) -> tuple[int, int]:

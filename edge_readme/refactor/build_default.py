@@ -57,7 +57,7 @@ def export_artifacts(moe_folder: Path, gguf_path: Path, dest: Path) -> None:
     m = moe.config.moe
     base = Router.init_from_embedding(m.router, dense.tensors["model.embed_tokens.weight"],
                                       m.num_experts, moe.config.num_layers, m.routing).embed
-    router = {k: v for k, v in moe.tensors.items() if k.startswith("router.")}
+    router = {k: moe.tensors[k] for k in moe.tensors if k.startswith("router.")}
     dest.mkdir(parents=True, exist_ok=True)
     extra = Path(moe_folder) / FOLDER_DELTAS
     if extra.exists():

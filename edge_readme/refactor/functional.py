@@ -30,7 +30,7 @@ class Backbone:
     @classmethod
     def create(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], length: int):
         cos, sin = rope_tables(config.head_dim, length, config.rope_theta)
-        return cls(config, tensors, cos, sin)
+        return cls(config, dict(tensors), cos, sin)  # read a lazy loader's weights once
 
     def w(self, layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"model.layers.{layer}.{name}.weight"]
