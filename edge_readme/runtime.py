@@ -506,4 +506,6 @@ class Runtime:
             d["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.cache is not None:
             d["peak_expert_bytes"] = self.cache.stats.peak_resident_bytes
+        if self.miss is not None:  # --miss-precision: its copies and buffers
+            d["miss_copies_bytes"] = self.miss.copies.nbytes
         return d

@@ -217,3 +217,16 @@ def test_cli_generate_and_bench_take_the_flag(moe, fmt, tmp_path):
                                    "--context-length", "128", "-q"])
     assert res.exit_code == 0, res.output
     assert "low-bit" in res.output
+
+
+def test_per_request_stats_carry_the_fire_rate(moe, fmt):
+    _, budget = _budget(moe, fmt, 1, "q2")
+    with Engine.load(str(moe), weights=fmt, miss_precision="q2", memory_budget=budget,
+                     **CTX) as e:
+        e.generate(PROMPTS[0], max_tokens=6)
+        r = e.generate(PROMPTS[1], max_tokens=12)
+        c = r.stats["cache"]
+        uses = c["hits"] + c["misses"] + c["low_precision"]
+        assert c["low_precision"] > 0
+        assert c["low_precision_rate"] == pytest.approx(c["low_precision"] / uses, abs=1e-4)
+        assert r.stats["memory"]["miss_copies_bytes"] == e.runtime.miss.copies.nbytes
