@@ -32,7 +32,8 @@ from edge_readme import Engine  # noqa: E402
 from edge_readme.bench import builtin_prompts, write_json  # noqa: E402
 from edge_readme.runtime import dry_run_plan  # noqa: E402
 
-PREFETCH = {"policy": "belady", "prefetch": True, "speculate": 4}
+MODES = {"prefetch": {"policy": "belady", "prefetch": True, "speculate": 4},
+         "on-demand": {"policy": "lru", "prefetch": False, "speculate": 0}}
 
 
 def cpu_model() -> str:
@@ -48,15 +49,24 @@ def configs(model: str, base: dict, share: float, precisions: list[str]) -> list
     keys, slot = plan["expert_keys"], plan["slot_bytes"]
     n = max(1, int(share * keys))
     exact = plan["minimum_bytes"] + (n - 1) * slot
-    out = [{"name": "all-resident", "budget": None, "miss_precision": None},
-           {"name": f"{share:.0%} exact", "budget": exact, "miss_precision": None}]
-    for p in precisions:
-        pq = dry_run_plan(model, {**base, "miss_precision": p})
-        out.append({"name": f"{share:.0%} +{p}", "budget": pq["minimum_bytes"] + (n - 1) * slot,
-                    "miss_precision": p})
-    if precisions:  # exact, given the first low-bit engine's whole budget
-        out.append({"name": f"exact at +{precisions[0]} budget", "budget": out[2]["budget"],
-                    "miss_precision": None})
+    low = {p: dry_run_plan(model, {**base, "miss_precision": p})["minimum_bytes"]
+           + (n - 1) * slot for p in precisions}
+    ref = f"{share:.0%} exact"
+    out = [{"name": "all-resident", "budget": None, "miss_precision": None, "mode": "prefetch",
+            "ref": ref},
+           {"name": ref, "budget": exact, "miss_precision": None, "mode": "prefetch",
+            "ref": ref}]
+    out += [{"name": f"{share:.0%} +{p}", "budget": low[p], "miss_precision": p,
+             "mode": "prefetch", "ref": ref} for p in precisions]
+    if precisions:  # exact, given the first low-bit engine's whole budget; and on demand
+        p = precisions[0]
+        out.append({"name": f"exact at +{p} budget", "budget": low[p], "miss_precision": None,
+                    "mode": "prefetch", "ref": ref})
+        od = f"{share:.0%} on-demand exact"
+        out.append({"name": od, "budget": exact, "miss_precision": None, "mode": "on-demand",
+                    "ref": od})
+        out.append({"name": f"{share:.0%} on-demand +{p}", "budget": low[p],
+                    "miss_precision": p, "mode": "on-demand", "ref": od})
     return out
 
 
@@ -72,12 +82,14 @@ def measure(engine: Engine, prompt) -> dict:
 
 def speed(model: str, base: dict, cfgs: list[dict], reps: int, prompts: list) -> list[dict]:
     with contextlib.ExitStack() as stack:
-        engines = []
+        engines, load_s = [], []
         for c in cfgs:
             cold = c["budget"] is not None
+            t = time.perf_counter()
             engines.append(stack.enter_context(Engine.load(
                 model, memory_budget=c["budget"], cold=cold, miss_precision=c["miss_precision"],
-                **PREFETCH, **base)))
+                **MODES[c["mode"]], **base)))
+            load_s.append(round(time.perf_counter() - t, 2))  # with --miss-precision: copies
         for e in engines:
             e.generate(prompts[-1].text, max_tokens=4)  # warm-up: torch, and the cache
         runs = []
@@ -96,13 +108,16 @@ def speed(model: str, base: dict, cfgs: list[dict], reps: int, prompts: list) ->
         slots = [e.runtime.plan.slots for e in engines]
         resident = [e.runtime.resident_bytes() for e in engines]
     rows = []
+    names = [c["name"] for c in cfgs]
     for i, c in enumerate(cfgs):
         tps = [r[i]["decode_tokens"] / r[i]["decode_seconds"] for r in runs]
-        vs_exact = [tps_i / (r[1]["decode_tokens"] / r[1]["decode_seconds"])
+        j = names.index(c["ref"])
+        vs_exact = [tps_i / (r[j]["decode_tokens"] / r[j]["decode_seconds"])
                     for tps_i, r in zip(tps, runs)]
         tot = {k: sum(r[i][k] for r in runs) for k in runs[0][i]}
         uses = tot["hits"] + tot["misses"] + tot["low_precision"]
         rows.append({**c, "slots": slots[i], "resident_bytes": resident[i],
+                     "load_seconds": load_s[i],
                      "decode_tokens_per_s": round(statistics.median(tps), 3),
                      "reps": [round(x, 3) for x in tps],
                      "vs_exact": round(statistics.median(vs_exact), 3),
@@ -138,7 +153,7 @@ def perplexity(model: str, base: dict, cfg: dict, seqs: list[list[int]], prefix:
     from edge_readme.runtime import Runtime, RuntimeOptions
 
     opts = RuntimeOptions(memory_budget=cfg["budget"], cold=cfg["budget"] is not None,
-                          miss_precision=cfg["miss_precision"], **PREFETCH, **base)
+                          miss_precision=cfg["miss_precision"], **MODES[cfg["mode"]], **base)
     rt = Runtime(load_model(resolve(model)), opts)
     try:
         if bound:
@@ -188,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = speed(a.model, base, cfgs, a.reps, prompts)
         report["speed"] = rows
         for r in rows:
-            print(f"{r['name']:>22}  slots {r['slots']:>3}  "
+            print(f"{r['name']:>24}  slots {r['slots']:>3}  "
                   f"resident {r['resident_bytes'] / 2**20:7.1f} MiB  "
-                  f"{r['decode_tokens_per_s']:7.2f} tok/s  x{r['vs_exact']:.2f} exact  "
-                  f"fires {r['fire_rate']:.1%}  stall {r['stall_share']:.0%}")
+                  f"{r['decode_tokens_per_s']:7.2f} tok/s  x{r['vs_exact']:.2f} {r['ref']}  "
+                  f"fires {r['fire_rate']:.1%}  stall/decode {r['stall_share']:.0%}")
         write_json(report, a.out / "miss_precision.json")
     if a.skip != "ppl":
         from edge_readme.loader import load_model
@@ -203,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         del loaded
         seqs = heldout(tok.encode, a.ppl_len, a.ppl_seqs)
         prefix = 32
-        quality = [perplexity(a.model, base, c, seqs, prefix)
-                   for c in cfgs[1:2 + len(precisions)]]
+        low = [c for c in cfgs if c["miss_precision"]]
+        quality = [perplexity(a.model, base, c, seqs, prefix) for c in [cfgs[1]] + low]
         quality += [perplexity(a.model, base, c, seqs, prefix, bound=True)
-                    for c in cfgs[2:2 + len(precisions)]]
+                    for c in low if c["mode"] == "prefetch"]
         ref = quality[0]["ppl"]
         for q in quality:
             q["ratio_vs_exact"] = round(q["ppl"] / ref, 4)

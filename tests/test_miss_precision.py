@@ -230,3 +230,10 @@ def test_per_request_stats_carry_the_fire_rate(moe, fmt):
         assert c["low_precision"] > 0
         assert c["low_precision_rate"] == pytest.approx(c["low_precision"] / uses, abs=1e-4)
         assert r.stats["memory"]["miss_copies_bytes"] == e.runtime.miss.copies.nbytes
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
+def test_every_model_command_offers_the_flag(command):
+    res = CliRunner().invoke(cli, [command, "--help"])
+    assert res.exit_code == 0 and "--miss-precision" in res.output
+    assert "[q2|q3|q4]" in res.output.replace("\n", "")
