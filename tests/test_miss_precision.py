@@ -83,7 +83,7 @@ def _budget(moe, fmt, slots, precision):
     return plan, plan["minimum_bytes"] + (slots - 1) * plan["slot_bytes"]
 
 
-def test_engine_refuses_an_unknown_precision_before_loading(moe, fmt):
+def test_engine_refuses_an_unknown_precision(moe, fmt):
     with pytest.raises(EdgeReadmeError, match="--miss-precision.*q2, q3, q4"):
         Engine.load(str(moe), weights=fmt, miss_precision="int2", **CTX)
 
@@ -93,7 +93,6 @@ def test_the_plan_counts_the_copies_and_resident_bytes_stay_under_budget(moe, fm
     m = read_manifest(moe)
     off = dry_run_plan(str(moe), {**CTX, "weights": fmt})
     plan, budget = _budget(moe, fmt, 2, precision)
-    kdt = torch.float32 if fmt == "f32" else None
     extra = plan["dense_bytes"] - off["dense_bytes"]
     assert extra == mp.copies_nbytes(m, precision) > 0
     assert plan["minimum_bytes"] > off["minimum_bytes"]
