@@ -208,7 +208,7 @@ def run_cell(model: str, cell: Cell, prompts: Sequence[Prompt], engine_kwargs: d
         s, t = cache.stats, engine.totals
         num_keys = len(engine.runtime.manifest.entries)
     busy = t.prefill_seconds + t.decode_seconds
-    accesses = s.hits + s.misses
+    accesses = s.hits + s.misses + s.low_precision  # low-bit uses: --miss-precision
     row = {
         "budget": cell.budget.label, "share": round(cell.slots / num_keys, 4),
         "slots": cell.slots, "budget_bytes": cell.budget_bytes,
@@ -219,6 +219,7 @@ def run_cell(model: str, cell: Cell, prompts: Sequence[Prompt], engine_kwargs: d
         "optimum_hit_ratio": round(offline_optimum(trace, cell.slots, num_keys), 4),
         "prefetch_issued": s.prefetch_issued, "prefetch_hits": s.prefetch_hits,
         "prefetch_wasted": s.prefetch_wasted, "bytes_read": s.bytes_read,
+        "low_precision": s.low_precision, "low_precision_rate": _ratio(s.low_precision, accesses),
         "stall_seconds": round(s.stall_seconds, 4), "stall_share": _ratio(s.stall_seconds, busy),
         "prefill_tokens": t.prefill_tokens,
         "prefill_tokens_per_s": _rate(t.prefill_tokens, t.prefill_seconds),
@@ -327,15 +328,17 @@ COLUMNS = [("budget", "budget", "{}"), ("slots", "slots", "{}"), ("policy", "pol
            ("MiB read", "bytes_read", "mib"), ("prefill t/s", "prefill_tokens_per_s", "{:.1f}"),
            ("decode t/s", "decode_tokens_per_s", "{:.1f}"), ("stall", "stall_share", "{:.1%}"),
            ("spec", "speculation", "spec")]
+LOW_BIT = ("low-bit", "low_precision_rate", "{:.1%}")  # with --miss-precision: its fire rate
 
 
 def format_table(report: dict) -> str:
     """One line per cell; `hit` counts prefetched experts as hits, `load-hit` is 1 - loads /
     accesses (the figure the optimum bounds)."""
-    rows = [[name for name, _, _ in COLUMNS]]
+    cols = COLUMNS + [LOW_BIT] * bool(report.get("engine", {}).get("miss_precision"))
+    rows = [[name for name, _, _ in cols]]
     for cell in report["cells"]:
-        rows.append([_fmt(cell[key], f) for _, key, f in COLUMNS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        rows.append([_fmt(cell[key], f) for _, key, f in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
 
 

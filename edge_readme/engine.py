@@ -455,10 +455,13 @@ class Engine:
         if rt.cache is not None and cache_before is not None:
             now = rt.cache.stats.to_json()
             delta = {k: (now[k] - cache_before[k]) for k in now
-                     if isinstance(now[k], (int, float)) and k not in ("hit_ratio",
-                                                                       "peak_resident_bytes")}
+                     if isinstance(now[k], (int, float)) and k not in (
+                         "hit_ratio", "peak_resident_bytes", "low_precision_rate")}
             lookups = delta.get("hits", 0) + delta.get("misses", 0)
             delta["hit_ratio"] = round(delta.get("hits", 0) / lookups, 4) if lookups else None
+            uses = lookups + delta.get("low_precision", 0)  # --miss-precision's fire rate
+            delta["low_precision_rate"] = round(delta.get("low_precision", 0) / uses, 4) \
+                if uses else None
             delta["peak_resident_bytes"] = now.get("peak_resident_bytes")
             delta["policy"] = rt.options.policy
             rep["cache"] = delta

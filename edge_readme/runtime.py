@@ -24,6 +24,7 @@ from .experts_format import align_up, read_manifest
 from .loader import LoadedModel, shape_of
 from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
 from .quant import experts as qexperts
+from .quant.lowbit import parse_miss_precision
 from .threads import Anchor
 
 Key = tuple[int, int]
@@ -48,6 +49,7 @@ class RuntimeOptions:
     weights: str | None = None  # q4, q8, bf16, f16, f32 (None: --dtype's, else per device)
     quantize: str | None = None  # "int8": the old spelling of weights="q8"
     max_batch: int = 1  # sequence slots: each has its own KV cache, counted in the plan
+    miss_precision: str | None = None  # q2, q3, q4: a miss computes with a low-bit copy (inexact)
 
 
 @dataclass
@@ -155,6 +157,15 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
         keys = len(manifest.entries)
         if form == "float" or device.type != "cpu":
             scratch += 2 * align_up(manifest.max_length)  # staging buffers for reads
+        if parse_miss_precision(o.miss_precision):  # low-bit copies of all experts, resident
+            from .cache import miss_precision as mp
+
+            mp.check(manifest, device)
+            dense_bytes += mp.copies_nbytes(manifest, o.miss_precision)
+            scratch += mp.scratch_nbytes(manifest, quant.act_dtype(fmt, device))
+    elif parse_miss_precision(o.miss_precision):
+        raise EdgeReadmeError("--miss-precision: the model is dense (no routed experts to "
+                              "miss); leave it off")
     budget = o.memory_budget
     if isinstance(budget, str):
         budget = parse_budget(budget) if budget != "auto" else None
@@ -233,7 +244,7 @@ class Runtime:
         progress("weights", 0.0)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
                                        rope_length=self.context_length, weights=self.weights)
-        self.router = self.cache = self.prefetcher = None
+        self.router = self.cache = self.prefetcher = self.miss = None
         self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
@@ -261,6 +272,8 @@ class Runtime:
         self.model.attach_experts(self.cache)
         self.prefetcher = self._stack.enter_context(
             Prefetcher(self.cache, enabled=o.prefetch))
+        if o.miss_precision and self.plan.slots < len(m.entries):
+            self._build_miss(store, progress)
         if self.plan.slots >= len(m.entries):
             keys = m.keys()
             for i, key in enumerate(keys):
@@ -270,6 +283,18 @@ class Runtime:
             self.cache.reset_stats()
             # all resident: no loads, evictions, prefetches or speculation from here on
             self.all_resident = self.cache.freeze()
+
+    def _build_miss(self, store, progress) -> None:
+        """--miss-precision: low-bit copies of all experts; misses of decode steps use them."""
+        from .cache import miss_precision as mp
+        from .prefetch import Prefetcher
+
+        copies = mp.LowBitExperts(store, self.options.miss_precision,
+                                  quant.act_dtype(self.weights, self.device), progress)
+        loader = self.prefetcher if self.options.prefetch else \
+            self._stack.enter_context(Prefetcher(self.cache))  # loads misses, prefetches nothing
+        self.miss = mp.MissPrecision(self.cache, copies, loader)
+        self.model.attach_experts(self.miss)
 
     def close(self) -> None:
         self._stack.close()
@@ -345,6 +370,8 @@ class Runtime:
             segs.append(Segment(sl.kv, len(sl.tokens), len(ids), len(toks)))
             ids.extend(toks)
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.miss is not None:
+            self.miss.active = len(ids) == len(segs)  # decode only: one new token a sequence
         after_layer = (lambda layer: check()) if check is not None else None
         try:
             if self.router is None:
@@ -469,6 +496,8 @@ class Runtime:
             total += sum(b.nbytes for sl in self.slots for b in sl.router_cache.buffers())
         if self.cache is not None:
             total += self.cache.block.nbytes
+        if self.miss is not None:
+            total += self.miss.copies.nbytes
         return total
 
     def memory_report(self) -> dict:
@@ -478,4 +507,6 @@ class Runtime:
             d["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.cache is not None:
             d["peak_expert_bytes"] = self.cache.stats.peak_resident_bytes
+        if self.miss is not None:  # --miss-precision: its copies and buffers
+            d["miss_copies_bytes"] = self.miss.copies.nbytes
         return d

@@ -47,14 +47,22 @@ class CacheStats:
     loads: int = 0
     evictions: int = 0
     peak_resident_bytes: int = 0
+    low_precision: int = 0  # uses served by a low-bit copy (--miss-precision) instead of a load
 
     @property
     def hit_ratio(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    @property
+    def low_precision_rate(self) -> float:
+        """Low-bit uses / all expert uses (hits, misses and low-bit uses)."""
+        total = self.hits + self.misses + self.low_precision
+        return self.low_precision / total if total else 0.0
+
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "hit_ratio": self.hit_ratio}
+        return {**dataclasses.asdict(self), "hit_ratio": self.hit_ratio,
+                "low_precision_rate": self.low_precision_rate}
 
 
 @dataclasses.dataclass
@@ -221,6 +229,34 @@ class ExpertCache:
             yield weights
         finally:
             self.release(layer, expert)
+
+    def try_get(self, layer: int, expert: int
+                ) -> contextlib.AbstractContextManager[ExpertWeights] | None:
+        """get() if the expert is resident now, else None at once (no wait, no load): the
+        caller serves this use another way (a low-bit copy) and counts it with low_precision."""
+        if self._frozen is not None:
+            return self.get(layer, expert)
+        key = (layer, expert)
+        if self.trace is not None:
+            self.trace.append((self.step, layer, expert))
+        self.lookahead.advance(key)
+        with self._cond:
+            slot = self._key_slot.get(key)
+            if slot is None or key in self._loading:
+                self.stats.low_precision += 1
+                return None
+            self._count_hit(key, False)
+            self._pins[key] = self._pins.get(key, 0) + 1
+        if self._ready_events:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_events[slot])
+        return self._held(key, self._weights[slot])
+
+    @contextlib.contextmanager
+    def _held(self, key: Key, weights: ExpertWeights) -> Iterator[ExpertWeights]:
+        try:
+            yield weights
+        finally:
+            self.release(*key)
 
     def freeze(self) -> bool:
         """Once every expert is resident (a slot each), serve them without bookkeeping: nothing

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import DEFAULT_MODEL, friendly
+from .common import DEFAULT_MODEL, MISS_PRECISION, friendly
 
 
 @click.command("bench")
@@ -39,12 +39,14 @@ from .common import DEFAULT_MODEL, friendly
 @click.option("--context-length", type=click.IntRange(16, 1 << 20), default=1024,
               show_default=True)
 @click.option("--cold", is_flag=True, help="Read experts past the OS page cache.")
+@MISS_PRECISION
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @friendly
 def bench_command(model: str, prompts_file: str | None, budgets: str, policies: str, modes: str,
                   max_tokens: int, out_dir: str | None, trace_file: str | None, device: str,
                   weights: str | None, dtype: str | None, threads: int | None,
-                  context_length: int, cold: bool, quiet: bool) -> None:
+                  context_length: int, cold: bool, miss_precision: str | None,
+                  quiet: bool) -> None:
     """Sweep budgets x policies x lookahead; hit ratios against the offline optimum."""
     from .. import bench
     from ..cache.policies import POLICIES
@@ -57,7 +59,7 @@ def bench_command(model: str, prompts_file: str | None, budgets: str, policies: 
     else:
         prompts = bench.builtin_prompts(max_tokens=max_tokens)
     kw = {"device": device, "weights": weights, "dtype": dtype, "threads": threads,
-          "context_length": context_length, "cold": cold}
+          "context_length": context_length, "cold": cold, "miss_precision": miss_precision}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     report = bench.sweep(model, prompts, specs, pols, lookahead, kw,

@@ -71,6 +71,13 @@ class ProgressBars:
             bar.close()
 
 
+MISS_PRECISION = click.option(
+    "--miss-precision", type=click.Choice(["q2", "q3", "q4"]), default=None,
+    help="On an expert miss in decode, compute with a resident low-bit copy of the expert "
+         "instead of waiting for its load (HOBBIT). Faster under tight budgets; output may "
+         "differ from all-resident. Off by default.")
+
+
 def model_options(fn: Callable) -> Callable:
     opts = [
         click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
@@ -97,6 +104,7 @@ def model_options(fn: Callable) -> Callable:
         click.option("--verify", is_flag=True, help="Check each expert's sha256 when read."),
         click.option("--cold", is_flag=True,
                      help="Keep expert reads out of the OS page cache (measure real storage)."),
+        MISS_PRECISION,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -105,7 +113,8 @@ def model_options(fn: Callable) -> Callable:
 
 def engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     out = {k: kw.pop(k) for k in ("memory_budget", "policy", "device", "weights", "dtype",
-                                  "threads", "context_length", "verify", "cold", "quantize")}
+                                  "threads", "context_length", "verify", "cold", "quantize",
+                                  "miss_precision")}
     out["prefetch"] = not kw.pop("no_prefetch")
     if out["memory_budget"] is not None:
         from ..budget import parse_budget
