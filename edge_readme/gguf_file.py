@@ -27,7 +27,8 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
-DEQUANT_ROWS = 2048  # rows dequantized at a time
+DEQUANT_BYTES = 256 << 10  # float32 bytes dequantized at a time: the gguf package's numpy
+# temporaries stay below the 1 MiB mmap threshold of a load (memory.bound_heap)
 
 
 @dataclass(frozen=True)
@@ -187,10 +188,10 @@ class GGUFFile:
             if start is None:
                 return arr.reshape(*reversed(t.shape))
             return arr.reshape(-1, t.shape[0])[start:stop]
-        if start is not None:
-            return gguf.quants.dequantize(raw[start:stop], qt).reshape(-1, t.shape[0])
-        out = np.empty((raw.shape[0], int(np.prod(t.shape[:1]))), dtype=np.float32)
-        for r in range(0, raw.shape[0], DEQUANT_ROWS):  # by rows: its temporaries stay small
-            out[r:r + DEQUANT_ROWS] = gguf.quants.dequantize(raw[r:r + DEQUANT_ROWS], qt) \
-                .reshape(-1, out.shape[1])
-        return out.reshape(*reversed(t.shape))
+        rows = raw if start is None else raw[start:stop]
+        cols = t.shape[0]
+        out = np.empty((rows.shape[0], cols), dtype=np.float32)
+        step = max(1, DEQUANT_BYTES // (4 * cols))
+        for r in range(0, rows.shape[0], step):  # by rows: its temporaries stay small
+            out[r:r + step] = gguf.quants.dequantize(rows[r:r + step], qt).reshape(-1, cols)
+        return out if start is not None else out.reshape(*reversed(t.shape))

@@ -130,4 +130,4 @@ def test_load_peak_is_far_below_a_float32_copy(tmp_path):
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
     # an eager loader holds the whole float32 model (1.0x) plus conversion temporaries
-    assert m["peak_over_base"] <= 0.6 * float32, (m, float32)  # measured 0.51x
+    assert m["peak_over_base"] <= 0.6 * float32, (m, float32)  # measured 0.4-0.5x

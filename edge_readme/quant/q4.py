@@ -13,7 +13,7 @@ b*64 + j in its low nibble and row b*64 + 32 + j in its high nibble, column k. S
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,17 @@ def eligible(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % ROW_BLOCK == 0 and shape[1] % GROUP == 0
 
 
-CHUNK_ROWS = 2048  # rows quantized at a time (an embedding table's float temporaries add up)
+CHUNK_BYTES = 512 << 10  # float bytes quantized at a time: the fit's temporaries stay below
+# the 1 MiB mmap threshold the loader sets (memory.bound_heap), so they reuse heap memory
+
+
+def row_chunks(w) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows) of a [N, K] matrix or row source, CHUNK_BYTES at a time."""
+    r = 0
+    for block in [w] if isinstance(w, torch.Tensor) else w.blocks():
+        for rows in block.detach().split(max(16, CHUNK_BYTES // (4 * block.shape[1]))):
+            yield r, rows.float()
+            r += rows.shape[0]
 
 
 def _grid_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,15 +168,17 @@ class Q4Weight:
     shape: tuple[int, int]
 
     @classmethod
-    def quantize(cls, w: torch.Tensor | Iterable[torch.Tensor],
-                 dtype: torch.dtype = torch.float32) -> Q4Weight:
-        """w: a [N, K] float matrix, or an iterable of its row blocks in order (a big table
-        read a block at a time, never whole in float32)."""
-        blocks = w.split(CHUNK_ROWS) if isinstance(w, torch.Tensor) else w
-        parts = [_grid_fit(rows.detach().float().reshape(rows.shape[0], -1, GROUP))
-                 for rows in blocks]  # by rows: the fit's temporaries stay small
-        q, scale, lo = (torch.cat(x) for x in zip(*parts))
-        return cls.from_parts(pack(q.view(q.shape[0], -1)), scale, lo, dtype)
+    def quantize(cls, w, dtype: torch.dtype = torch.float32) -> Q4Weight:
+        """w: a [N, K] float matrix, or a row source (`loader.Rows`: a big table read a block
+        at a time, never whole in float32)."""
+        N, K = w.shape
+        q = torch.empty(N, K, dtype=torch.uint8)
+        scale, lo = torch.empty(N, K // GROUP), torch.empty(N, K // GROUP)
+        for r, rows in row_chunks(w):  # the fit's temporaries stay small, and the outputs are
+            n = rows.shape[0]  # allocated once (no pieces left between them in the heap)
+            q[r:r + n], scale[r:r + n], lo[r:r + n] = (
+                x.reshape(n, -1) for x in _grid_fit(rows.reshape(n, -1, GROUP)))
+        return cls.from_parts(pack(q), scale, lo, dtype)
 
     @classmethod
     def from_parts(cls, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,

@@ -6,7 +6,6 @@ and a tied output head runs the same table through the kernel (one copy, not two
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +24,17 @@ class Q8Weight:
     scale: torch.Tensor  # [out], activation dtype
 
     @classmethod
-    def quantize(cls, w: torch.Tensor | Iterable[torch.Tensor],
-                 dtype: torch.dtype = torch.float32) -> Q8Weight:
-        """w: a [out, in] float matrix, or an iterable of its row blocks in order."""
-        qs, scales = [], []
-        for rows in (w.split(2048) if isinstance(w, torch.Tensor) else w):  # small temporaries
-            wf = rows.detach().float()
-            scale = wf.abs().amax(-1).clamp(min=1e-12) / 127.0  # [out]
-            qs.append(torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8))
-            scales.append(scale)
-        return cls(torch.cat(qs).contiguous(), torch.cat(scales).to(dtype))
+    def quantize(cls, w, dtype: torch.dtype = torch.float32) -> Q8Weight:
+        """w: a [out, in] float matrix, or a row source (`loader.Rows`)."""
+        from .q4 import row_chunks
+
+        q = torch.empty(w.shape, dtype=torch.int8)
+        scale = torch.empty(w.shape[0])
+        for r, wf in row_chunks(w):  # small temporaries; outputs allocated once
+            s = wf.abs().amax(-1).clamp(min=1e-12) / 127.0  # [rows]
+            q[r:r + wf.shape[0]] = torch.round(wf / s[:, None]).clamp(-127, 127)
+            scale[r:r + wf.shape[0]] = s
+        return cls(q, scale.to(dtype))
 
     @property
     def shape(self) -> tuple[int, int]:
