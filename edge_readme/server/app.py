@@ -265,6 +265,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits) -> tuple[Stream, int]:
     """Tokenize, check the prompt limit and queue the request (runs in a worker thread)."""
+    engine.check_room()  # a full queue answers 429 before the template and the tokenizer run
     text = engine.chat_prompt(raw) if chat else raw
     ids = engine.tokenizer.encode(text) if isinstance(text, str) else list(text)
     limit = limits.max_prompt_tokens or engine.runtime.context_length - 1
