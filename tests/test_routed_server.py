@@ -209,3 +209,17 @@ def test_cli_route_file_errors_name_the_field(tmp_path, models):
     assert r.exit_code == 2 and "without -m" in r.output
 
 
+
+
+def test_check_room_refuses_before_tokenizing(models):
+    from edge_readme.errors import QueueFullError
+
+    with Engine.load(models[0], device="cpu", context_length=256, max_batch=1,
+                     max_queue=0) as e:
+        e.check_room()  # empty: room
+        s = e.stream("hello there", max_tokens=200, ignore_eos=True)
+        next(iter(s))  # running: the one slot is taken, and no queue
+        with pytest.raises(QueueFullError, match="--max-queue 0"):
+            e.check_room()
+        s.cancel()
+        s.collect()
