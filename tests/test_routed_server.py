@@ -223,3 +223,13 @@ def test_check_room_refuses_before_tokenizing(models):
             e.check_room()
         s.cancel()
         s.collect()
+
+
+def test_cli_single_model_dry_run_is_its_own_plan(models):
+    r = CliRunner().invoke(cli, ["serve", "-m", models[0], "--device", "cpu",
+                                 "--context-length", "256", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["route"] is None and list(out["models"]) == [models[0]]
+    want = dry_run_plan(models[0], {"device": "cpu", "context_length": 256, "max_batch": 4})
+    assert out["models"][models[0]]["slots"] == want["slots"]

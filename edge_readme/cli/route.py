@@ -30,11 +30,14 @@ def fleet_shares(models: list[str], options: dict) -> tuple[int | None, list, di
 def print_plans(models: list[str], route: dict | None, options: dict, as_json: bool) -> None:
     from ..runtime import dry_run_plan
 
-    budget, needs, shares = fleet_shares(models, options)
-    plans = {m: dry_run_plan(m, {**options, "memory_budget": shares.get(m)})
-             if budget is not None else dry_run_plan(m, options) for m in models}
-    if len(models) == 1 and route is None:
-        plans = {models[0]: dry_run_plan(models[0], options)}
+    if route is None:  # one model, its own plan: what `generate --dry-run` shows
+        budget, needs, shares = options.get("memory_budget"), [], {}
+        plans = {m: dry_run_plan(m, options) for m in models}
+        budget = plans[models[0]]["budget_bytes"] if budget is not None else None
+    else:
+        budget, needs, shares = fleet_shares(models, options)
+        plans = {m: dry_run_plan(m, {**options, "memory_budget": shares[m]})
+                 if budget is not None else dry_run_plan(m, options) for m in models}
     total = sum(p["budget_bytes"] for p in plans.values())
     out = {"budget_bytes": budget, "planned_bytes": total,
            "minimum_bytes": sum(n.minimum_bytes for n in needs) if needs else
