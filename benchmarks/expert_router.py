@@ -25,10 +25,11 @@ model on held-out documents of the builtin calibration corpus (code, conversatio
 for each configuration, the mean over its served requests of the bits per byte of the model each
 request went to, per domain of the request.
 
+The three servers run side by side (idle ones wait on their queues) and each level is run on
+each server in turn, so all three meet the same background load: compare them within one run.
+
 Parts (each writes JSON under --out; `report` merges them and plots latency against users):
-    flock /tmp/heavy.lock python benchmarks/expert_router.py --part load --config routed
-    flock /tmp/heavy.lock python benchmarks/expert_router.py --part load --config generalist
-    flock /tmp/heavy.lock python benchmarks/expert_router.py --part load --config random
+    flock /tmp/heavy.lock python benchmarks/expert_router.py --part load
     flock /tmp/heavy.lock python benchmarks/expert_router.py --part quality
     python benchmarks/expert_router.py --part report
 """
@@ -262,40 +263,49 @@ def summarize(results: list[dict], wall: float, health: list[float], health_fail
     }
 
 
-def part_load(config: str, a) -> None:
-    out = a.out / f"{config}.json"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = a.out / f"{config}.server.log"
-    proc = start_server(config, a, port, log)
-    report: dict = {"config": config, "argv": CONFIGS[config], "cpu": cpu_model(),
-                    "cores": os.cpu_count(), "levels": {}}
+def part_load(configs: list[str], a) -> None:
+    """Start every configuration's server, then run each level on each server in turn, so the
+    configurations meet the same background load (the machine is shared): ratios within a run."""
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
+    reports: dict[str, dict] = {}
     try:
-        report["load_s"] = round(wait_ready(proc, base, a.load_timeout), 2)
-        model = CHAT if config == "generalist" else "auto"
+        for c in configs:  # one at a time: loads do not compete with each other
+            port = free_port()
+            procs[c] = (start_server(c, a, port, a.out / f"{c}.server.log"), port)
+            reports[c] = {"config": c, "argv": CONFIGS[c], "cpu": cpu_model(),
+                          "cores": os.cpu_count(), "levels": {},
+                          "load_s": round(wait_ready(procs[c][0], f"http://127.0.0.1:{port}",
+                                                     a.load_timeout), 2)}
         for users, per_user in LEVELS:
             if users > a.max_users:
                 continue
-            with Sampler(proc.pid, port) as s:
-                lvl = asyncio.run(run_level(base, model, users, per_user, a, seed=users))
-            lvl["server_connections_max"] = max(s.conns, default=0)
-            lvl["rss_bytes"] = {"start": s.rss[0] if s.rss else None,
-                                "max": max(s.rss, default=None),
-                                "end": s.rss[-1] if s.rss else None}
-            report["levels"][str(users)] = lvl
-            print(f"{config:10s} users={users:5d} served={lvl['served']:4d} "
-                  f"statuses={lvl['statuses']} mean={lvl['latency_s']['mean']} "
-                  f"p95={lvl['latency_s']['p95']} tok/s={lvl['tokens_per_s']} "
-                  f"route={lvl['route_share_of_mean_latency']} "
-                  f"conns={lvl['server_connections_max']} health_max={lvl['health']['max_s']}",
-                  flush=True)
+            for c in configs:
+                proc, port = procs[c]
+                model = CHAT if c == "generalist" else "auto"
+                with Sampler(proc.pid, port) as s:
+                    lvl = asyncio.run(run_level(f"http://127.0.0.1:{port}", model, users,
+                                                per_user, a, seed=users))
+                lvl["server_connections_max"] = max(s.conns, default=0)
+                lvl["rss_bytes"] = {"start": s.rss[0] if s.rss else None,
+                                    "max": max(s.rss, default=None),
+                                    "end": s.rss[-1] if s.rss else None}
+                reports[c]["levels"][str(users)] = lvl
+                print(f"{c:10s} users={users:5d} served={lvl['served']:4d} "
+                      f"statuses={lvl['statuses']} mean={lvl['latency_s']['mean']} "
+                      f"p95={lvl['latency_s']['p95']} tok/s={lvl['tokens_per_s']} "
+                      f"route={lvl['route_share_of_mean_latency']} "
+                      f"conns={lvl['server_connections_max']} "
+                      f"health_max={lvl['health']['max_s']}", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    atomic_json(out, report)
+        for proc, _ in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    for c, r in reports.items():
+        if r["levels"]:
+            atomic_json(a.out / f"{c}.json", r)
 
 
 # ------------------------------------------------------------------ quality
@@ -459,8 +469,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.part in ("load", "all"):
-        for c in a.config or list(CONFIGS):
-            part_load(c, a)
+        part_load(a.config or list(CONFIGS), a)
     if a.part in ("quality", "all"):
         part_quality(a)
     if a.part in ("report", "all"):
