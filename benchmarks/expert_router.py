@@ -409,13 +409,14 @@ def plot(cfg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for c, r in cfg.items():
+    for i, (c, r) in enumerate(cfg.items()):
         users = [int(u) for u in r["levels"]]
         ax[0].plot(users, [r["levels"][str(u)]["latency_s"]["mean"] for u in users], "o-",
-                   label=f"{c} mean")
+                   color=f"C{i}", label=f"{c} mean")
         ax[0].plot(users, [r["levels"][str(u)]["latency_s"]["p95"] for u in users], "x--",
-                   label=f"{c} p95")
-        ax[1].plot(users, [r["levels"][str(u)]["tokens_per_s"] for u in users], "o-", label=c)
+                   color=f"C{i}", label=f"{c} p95")
+        ax[1].plot(users, [r["levels"][str(u)]["tokens_per_s"] for u in users], "o-",
+                   color=f"C{i}", label=c)
     for x, t in zip(ax, ("latency of served requests (s)", "completion tokens/s")):
         x.set_xscale("log")
         x.set_xlabel("concurrent users")
