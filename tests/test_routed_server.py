@@ -233,3 +233,18 @@ def test_cli_single_model_dry_run_is_its_own_plan(models):
     assert out["route"] is None and list(out["models"]) == [models[0]]
     want = dry_run_plan(models[0], {"device": "cpu", "context_length": 256, "max_batch": 4})
     assert out["models"][models[0]]["slots"] == want["slots"]
+
+
+def test_readme_kind_reads_the_loaded_engines_router(models):
+    from edge_readme.cli.route import make_router
+
+    chat, coder = models
+    with Engine.load(chat, **OPTS) as e:
+        f = Fleet([chat, coder])
+        f.holders[chat].engine = e
+        pr = make_router(spec_from([chat, coder], "readme", readme_model=chat), f)
+        assert pr.kind == "readme" and pr.classifier.router is e.runtime.router  # no copy
+        d = pr.choose(CODE)
+        assert d.model in (chat, coder) and d.label in ("code", "chat", "docs")
+        dist = pr.classifier.domain_distribution(CODE)
+        assert abs(float(dist.sum()) - 1) < 1e-5 and len(dist) == 3
