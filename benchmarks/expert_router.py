@@ -18,8 +18,8 @@ timeout (--request-timeout), every level a wall-clock limit (--level-timeout).
 Measured per level: throughput (completion tokens/s, requests/s), mean/p95 latency and time to
 first token, the router's time (the server's x-edge-readme-route-ms header) as a share of mean
 latency, statuses (200, 429, other failures), the TCP connections the server process held open
-(sampled), GET /health latency probed every 0.25 s from a thread and connection of its own (the
-users' event loop is busy), and the server's RSS.
+(sampled), GET /health latency probed every 0.25 s from a process of its own (the users' event
+loop and GIL are busy), and the server's RSS.
 Quality per domain: bits per byte (a perplexity that does not depend on the tokenizer) of each
 model on held-out documents of the builtin calibration corpus (code, conversation, docs), then,
 for each configuration, the mean over its served requests of the bits per byte of the model each
@@ -178,13 +178,31 @@ async def one_request(client: httpx.AsyncClient, body: dict, timeout: float) -> 
     return rec
 
 
+# GET /health every 0.25 s from a process of its own (neither the users' event loop nor their
+# GIL delays it) until its stdin closes; prints the latencies.
+PROBE = """
+import json, sys, threading, time
+import httpx
+stop, lat, failed = threading.Event(), [], 0
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+with httpx.Client(base_url=sys.argv[1]) as c:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            r = c.get("/health", timeout=5)
+            lat.append(time.perf_counter() - t0)
+            failed += r.status_code != 200
+        except httpx.HTTPError:
+            failed += 1
+        stop.wait(0.25)
+print(json.dumps({"latencies": lat, "failed": failed}))
+"""
+
+
 async def run_level(base: str, model: str, users: int, per_user: int, a, seed: int) -> dict:
     reqs = workload(users * per_user, seed)
     limits = httpx.Limits(max_connections=users + 4, max_keepalive_connections=users + 4)
     results: list[dict] = []
-    health: list[float] = []
-    health_fail = 0
-    stop = threading.Event()
 
     async def user(u: int, client: httpx.AsyncClient) -> None:
         for k in range(per_user):
@@ -196,31 +214,18 @@ async def run_level(base: str, model: str, users: int, per_user: int, a, seed: i
             rec["domain"] = dom
             results.append(rec)
 
-    def probe() -> None:  # its own thread and connection: the users' event loop is busy
-        nonlocal health_fail
-        with httpx.Client(base_url=base) as hc:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    r = hc.get("/health", timeout=5)
-                    if r.status_code != 200:
-                        health_fail += 1
-                    health.append(time.perf_counter() - t0)
-                except httpx.HTTPError:
-                    health_fail += 1
-                stop.wait(0.25)
-
     async with httpx.AsyncClient(base_url=base, limits=limits) as client:
-        p = threading.Thread(target=probe, daemon=True)
-        p.start()
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, base], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
         t0 = time.perf_counter()
         tasks = [asyncio.ensure_future(user(u, client)) for u in range(users)]
         _, pending = await asyncio.wait(tasks, timeout=a.level_timeout)
         for t in pending:
             t.cancel()
         wall = time.perf_counter() - t0
-        stop.set()
-        p.join(10)
+        out, _ = probe.communicate("", timeout=30)  # closing its stdin stops it
+    h = json.loads(out)
+    health, health_fail = h["latencies"], h["failed"]
     return summarize(results, wall, health, health_fail, len(pending), users * per_user)
 
 
@@ -277,7 +282,7 @@ def part_load(configs: list[str], a) -> None:
                           "load_s": round(wait_ready(procs[c][0], f"http://127.0.0.1:{port}",
                                                      a.load_timeout), 2)}
         for users, per_user in LEVELS:
-            if users > a.max_users:
+            if not a.min_users <= users <= a.max_users:
                 continue
             for c in configs:
                 proc, port = procs[c]
@@ -458,6 +463,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--min-users", type=int, default=1)
     ap.add_argument("--max-users", type=int, default=1000)
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--level-timeout", type=float, default=180.0)
