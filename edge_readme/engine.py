@@ -243,17 +243,26 @@ class Engine:
         req = _Request(ids, params, min(max_tokens, limit - len(ids)), tuple(stop),
                        ignore_eos=bool(ignore_eos))
         with self._lock:
-            if self._closed:
-                raise EdgeReadmeError("the engine is closed")
-            waiting = len(self._pending)
-            if self.max_queue is not None and waiting >= self.max_queue + self._free_slots():
-                raise QueueFullError(
-                    f"{waiting} requests are already waiting for one of "
-                    f"{len(self.runtime.slots)} sequence slots (--max-queue {self.max_queue}); "
-                    "retry later", retry_after=1 + waiting // len(self.runtime.slots))
+            self._check_room()
             self._pending.append(req)
             self._queue.put(req)
         return Stream(req)
+
+    def check_room(self) -> None:
+        """Raise QueueFullError if `stream` would refuse a request now: a server under a burst
+        answers 429 before spending time on the prompt's template and tokens."""
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise EdgeReadmeError("the engine is closed")
+        waiting = len(self._pending)
+        if self.max_queue is not None and waiting >= self.max_queue + self._free_slots():
+            raise QueueFullError(
+                f"{waiting} requests are already waiting for one of "
+                f"{len(self.runtime.slots)} sequence slots (--max-queue {self.max_queue}); "
+                "retry later", retry_after=1 + waiting // len(self.runtime.slots))
 
     def _free_slots(self) -> int:
         return len(self.runtime.slots) - len(self._sched.running)

@@ -78,10 +78,17 @@ MISS_PRECISION = click.option(
          "differ from all-resident. Off by default.")
 
 
-def model_options(fn: Callable) -> Callable:
+def model_options(fn: Callable | None = None, *, several: bool = False) -> Callable:
+    """The options every model command takes; `several`: -m may be repeated (serve --route)."""
+    if fn is None:
+        return functools.partial(model_options, several=several)
+    model = (click.option("--model", "-m", multiple=True, default=[DEFAULT_MODEL],
+                          show_default=True, help="Registry name, .gguf file or model folder; "
+                          "repeat it to serve several behind --route.") if several else
+             click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                          help="Registry name, .gguf file or model folder."))
     opts = [
-        click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-                     help="Registry name, .gguf file or model folder."),
+        model,
         click.option("--memory-budget", default=None,
                      help="Hard cap on device memory: 512MiB, 1.5GiB, 800MB, bytes, or auto."),
         click.option("--policy", type=click.Choice(["belady", "lru", "lfu", "fifo"]),

@@ -14,7 +14,14 @@ SCHEDULES = ["fcfs", "decode-first", "prefill-first", "expert-aware"]
 
 
 @click.command("serve")
-@model_options
+@model_options(several=True)
+@click.option("--route", type=click.Choice(["auto", "linear", "kmeans", "readme", "random"]),
+              default=None, help="Serve every -m behind one endpoint; model \"auto\" is routed "
+              "per prompt by this router (auto = linear: TF-IDF softmax regression).")
+@click.option("--route-file", type=click.Path(dir_okay=False), default=None,
+              help="JSON or TOML route file: models, route, table, readme_model, seed.")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (per model) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print it as JSON.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback is reachable from the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -39,14 +46,17 @@ SCHEDULES = ["fcfs", "decode-first", "prefill-first", "expert-aware"]
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @friendly
-def serve_command(model: str, host: str, port: int, api_key: str | None,
+def serve_command(model: tuple[str, ...], host: str, port: int, api_key: str | None,
                   max_prompt_tokens: int | None, max_tokens_limit: int, max_body_bytes: int,
                   max_batch: int, schedule: str, max_queue: int | None, exact: bool,
-                  log_level: str, request_timeout: float | None = None, **kw: Any) -> None:
+                  log_level: str, request_timeout: float | None = None, route: str | None = None,
+                  route_file: str | None = None, dry_run: bool = False, as_json: bool = False,
+                  **kw: Any) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health.
 
     The server listens at once and loads the model in the background; GET /health shows
-    the load progress and answers 200 when requests can be served."""
+    the load progress and answers 200 when requests can be served. With --route (or
+    --route-file) every model shares one --memory-budget behind one endpoint."""
     from ..server.app import _require, check_api_key, default_model_name, serve_loading
     from ..server.protocol import Limits
 
@@ -59,6 +69,16 @@ def serve_command(model: str, host: str, port: int, api_key: str | None,
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
                     default_max_tokens=min(512, max_tokens_limit), max_body_bytes=max_body_bytes,
                     request_timeout=request_timeout)
+    if route or route_file or len(model) > 1:
+        from .route import serve_routed_command
+
+        return serve_routed_command(list(model), route, route_file, options, limits, dry_run,
+                                    as_json, host, port, api_key, log_level)
+    model = model[0]
+    if dry_run:
+        from .route import print_plans
+
+        return print_plans([model], None, options, as_json)
     name = default_model_name(model)
     if host not in LOOPBACK and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key; anyone who can reach "

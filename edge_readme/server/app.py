@@ -54,6 +54,7 @@ class EngineHolder:
         self.stage, self.fraction = ("ready", 1.0) if engine else ("starting", 0.0)
         self.error: BaseException | None = None
         self.served = {"requests": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
+        self.inflight = 0  # requests queued or running on the engine now
         self._lock = threading.Lock()
 
     def start_loading(self, load: Callable[[Callable[[str, float], None]], Engine],
@@ -84,8 +85,13 @@ class EngineHolder:
                             "retry when GET /health says ready", code="model_loading",
                        type="server_error")
 
+    def started(self) -> None:
+        with self._lock:
+            self.inflight += 1
+
     def finished(self, reason: str) -> None:
         with self._lock:
+            self.inflight = max(0, self.inflight - 1)
             self.served["requests"] += 1
             self.served[reason] = self.served.get(reason, 0) + 1
 
@@ -151,41 +157,7 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
         body = P.parse_json(await _read_body(request, limits.max_body_bytes))
         eng = holder.ready()
         model = P.model_field(body, names(), model_name)
-        kw = P.sampling(body, limits)
-        stream_it, include_usage = P.streaming(body)
-        raw = P.messages(body) if chat else P.prompt(body)
-        try:
-            stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits)
-        except RequestError as e:
-            raise P.bad(str(e), "messages" if chat else "prompt") from None
-        except QueueFullError as e:  # bounded queue: tell the client when to come back
-            err = APIError(429, str(e), code="queue_full", type="server_error")
-            return JSONResponse(err.body(), status_code=429,
-                                headers={"Retry-After": str(e.retry_after)})
-        rid = P.new_id("chatcmpl" if chat else "cmpl")
-        deadline = _Deadline(stream, limits.request_timeout)
-        events = _pump(stream, holder)
-        if stream_it:
-            return _EventStream(_sse(events, rid, model, chat, include_usage, n_prompt), stream)
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, stream))
-        try:
-            text, last = [], None
-            async for c in events:
-                text.append(c.text)
-                last = c
-        except APIError:
-            deadline.check()
-            raise
-        finally:
-            watcher.cancel()
-            deadline.cancel()
-            stream.cancel()
-        deadline.check()
-        assert last is not None and last.finish_reason is not None
-        stats = last.stats or {}
-        use = P.usage(n_prompt, stats.get("completion_tokens", 0))
-        make = P.chat_body if chat else P.completion_body
-        return JSONResponse(make(rid, model, "".join(text), last.finish_reason, use, stats))
+        return await respond(request, body, chat, eng, holder, model, limits)
 
     # Plain Starlette routes: handlers take the request and return responses, no schema magic.
     app.add_exception_handler(APIError, api_error)
@@ -205,6 +177,53 @@ def check_api_key(key: str) -> str:
                               f"({len(key)} characters given, some outside that range); "
                               "choose another key")
     return key
+
+
+async def respond(request, body: dict, chat: bool, eng: Engine, holder: EngineHolder,
+                  model: str, limits: Limits, headers: dict[str, str] | None = None,
+                  extra_stats: dict | None = None):
+    """Run one checked completion request on `eng` and answer it (JSON or SSE). `headers` go on
+    the response; `extra_stats` join the body's stats (the routed server's choice)."""
+    from starlette.responses import JSONResponse
+
+    kw = P.sampling(body, limits)
+    stream_it, include_usage = P.streaming(body)
+    raw = P.messages(body) if chat else P.prompt(body)
+    try:
+        stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits)
+    except RequestError as e:
+        raise P.bad(str(e), "messages" if chat else "prompt") from None
+    except QueueFullError as e:  # bounded queue: tell the client when to come back
+        err = APIError(429, str(e), code="queue_full", type="server_error")
+        return JSONResponse(err.body(), status_code=429,
+                            headers={"Retry-After": str(e.retry_after), **(headers or {})})
+    holder.started()
+    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    deadline = _Deadline(stream, limits.request_timeout)
+    events = _pump(stream, holder)
+    if stream_it:
+        return _EventStream(_sse(events, rid, model, chat, include_usage, n_prompt), stream,
+                            headers)
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request.receive, stream))
+    try:
+        text, last = [], None
+        async for c in events:
+            text.append(c.text)
+            last = c
+    except APIError:
+        deadline.check()
+        raise
+    finally:
+        watcher.cancel()
+        deadline.cancel()
+        stream.cancel()
+    deadline.check()
+    assert last is not None and last.finish_reason is not None
+    stats = {**(last.stats or {}), **(extra_stats or {})}
+    use = P.usage(n_prompt, stats.get("completion_tokens", 0))
+    make = P.chat_body if chat else P.completion_body
+    return JSONResponse(make(rid, model, "".join(text), last.finish_reason, use, stats),
+                        headers=headers)
 
 
 class _Deadline:
@@ -246,6 +265,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits) -> tuple[Stream, int]:
     """Tokenize, check the prompt limit and queue the request (runs in a worker thread)."""
+    engine.check_room()  # a full queue answers 429 before the template and the tokenizer run
     text = engine.chat_prompt(raw) if chat else raw
     ids = engine.tokenizer.encode(text) if isinstance(text, str) else list(text)
     limit = limits.max_prompt_tokens or engine.runtime.context_length - 1
@@ -321,13 +341,16 @@ class _EventStream:
     Written against the bare ASGI interface so the cancel does not depend on how a given
     Starlette version notices disconnects."""
 
-    def __init__(self, events: AsyncIterator[bytes], stream: Stream):
+    def __init__(self, events: AsyncIterator[bytes], stream: Stream,
+                 headers: dict[str, str] | None = None):
         self.events, self.stream = events, stream
+        self.extra = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                      for k, v in (headers or {}).items()]
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, self.stream))
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"), *self.extra]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async for data in self.events:
