@@ -183,6 +183,7 @@ async def one_request(client: httpx.AsyncClient, body: dict, timeout: float) -> 
 PROBE = """
 import json, sys, threading, time
 import httpx
+from edge_readme.bench import cpu_summary
 stop, lat, failed = threading.Event(), [], 0
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 with httpx.Client(base_url=sys.argv[1]) as c:
@@ -269,6 +270,8 @@ def summarize(results: list[dict], wall: float, health: list[float], health_fail
 
 
 def part_load(configs: list[str], a) -> None:
+    from edge_readme.bench import cpu_summary  # here: the clients' processes stay torch-free
+
     """Start every configuration's server, then run each level on each server in turn, so the
     configurations meet the same background load (the machine is shared): ratios within a run."""
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
@@ -277,7 +280,7 @@ def part_load(configs: list[str], a) -> None:
         for c in configs:  # one at a time: loads do not compete with each other
             port = free_port()
             procs[c] = (start_server(c, a, port, a.out / f"{c}.server.log"), port)
-            reports[c] = {"config": c, "argv": CONFIGS[c], "cpu": cpu_model(),
+            reports[c] = {"config": c, "argv": CONFIGS[c], "cpu": cpu_summary()["model"],
                           "cores": os.cpu_count(), "levels": {},
                           "load_s": round(wait_ready(procs[c][0], f"http://127.0.0.1:{port}",
                                                      a.load_timeout), 2)}
@@ -444,14 +447,6 @@ def atomic_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:

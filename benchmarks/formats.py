@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import statistics
 import subprocess
@@ -31,28 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from edge_readme.bench import write_json  # noqa: E402
+from edge_readme.bench import cpu_summary, write_json  # noqa: E402
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
           "Gutenberg combined movable metal type, oil-based ink and a wooden press.")
 GOALS = {"moe_vs_llama": 1.0, "dense_vs_llama": 0.9, "moe_vs_dense": 1.15,
          "q8_ppl": 1.01, "q4_ppl": 1.04}
-
-
-def cpu_summary() -> dict:
-    flags, model = set(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    keep = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
-            "amx_int8", "avx_vnni")
-    return {"model": model, "flags": [f for f in keep if f in flags], "cores": os.cpu_count()}
 
 
 # the child's own peak RSS (ru_maxrss would carry the parent's over fork + exec)

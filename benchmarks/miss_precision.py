@@ -29,19 +29,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from edge_readme import Engine  # noqa: E402
-from edge_readme.bench import builtin_prompts, write_json  # noqa: E402
+from edge_readme.bench import builtin_prompts, cpu_summary, write_json  # noqa: E402
 from edge_readme.runtime import dry_run_plan  # noqa: E402
 
 MODES = {"prefetch": {"policy": "belady", "prefetch": True, "speculate": 4},
          "on-demand": {"policy": "lru", "prefetch": False, "speculate": 0}}
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def configs(model: str, base: dict, share: float, precisions: list[str]) -> list[dict]:
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = [p for p in a.precisions.split(",") if p]
     cfgs = configs(a.model, base, a.share, precisions)
     start = time.perf_counter()
-    report = {"model": a.model, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    report = {"model": a.model, "cpu": cpu_summary()["model"], "cpu_count": os.cpu_count(),
               "threads": torch.get_num_threads() if a.threads is None else a.threads,
               "share": a.share, "configs": cfgs}
     a.out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import threading
@@ -38,21 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from edge_readme import Engine
-from edge_readme.bench import parse_budgets
+from edge_readme.bench import cpu_summary, parse_budgets
 from edge_readme.runtime import dry_run_plan
 from edge_readme.scheduler import POLICIES
 
 PROMPT_MEAN, REPLY_MEAN = 70, 215  # LMSYS-Chat-1M means, in tokens
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def lognormal(rng, mean: float, sigma: float, lo: int, hi: int) -> int:
@@ -341,7 +332,7 @@ def main(argv=None) -> int:
     keys, slot = plan["expert_keys"], plan["slot_bytes"]
     fixed = plan["minimum_bytes"] - slot
     schedules = a.schedules.split(",")
-    report = {"cpu": cpu_model(), "model": a.model, "max_batch": a.max_batch,
+    report = {"cpu": cpu_summary()["model"], "model": a.model, "max_batch": a.max_batch,
               "scale": a.scale, "seed": a.seed, "schedules": schedules, "runs": []}
 
     def load(budget_bytes, schedule, **extra):

@@ -66,6 +66,24 @@ class BudgetSpec:
 # ---- workload ---------------------------------------------------------------------------------
 
 
+def cpu_summary() -> dict:
+    """The CPU a figure was measured on: model name, the instruction sets that decide the
+    kernels (AVX2 / AVX-512 / BF16 / VNNI / AMX), and the core count (benchmarks print it)."""
+    flags, model = set(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+            "amx_int8", "avx_vnni")
+    return {"model": model, "flags": [f for f in keep if f in flags], "cores": os.cpu_count()}
+
+
 def builtin_prompts(per_domain: int = 2, chars: int = 200,
                     max_tokens: int = DEFAULT_MAX_TOKENS) -> list[Prompt]:
     """The first `chars` characters of `per_domain` held-out documents of each builtin domain."""

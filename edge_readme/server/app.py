@@ -99,42 +99,17 @@ class EngineHolder:
 def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
                limits: Limits = Limits(), model_name: str | None = None):
     """The ASGI app. Pass an `EngineHolder` that is loading to answer /health meanwhile."""
-    fastapi = _require("fastapi")
-    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
 
     holder = engine if isinstance(engine, EngineHolder) else EngineHolder(engine)
-    key_bytes = check_api_key(api_key).encode() if api_key is not None else b""
     if model_name is None:
         model_name = default_model_name(holder.engine.name) if holder.engine else "model"
-    app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
+    app, authorize = base_app(api_key)
     app.state.holder, app.state.limits = holder, limits
 
     def names() -> set[str]:
         e = holder.engine
         return {model_name} | ({e.name, default_model_name(e.name)} if e else set())
-
-    async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    async def http_error(request, exc: HTTPException):
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                       code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
-
-    async def crash(request, exc: Exception):
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    def authorize(request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare bytes: a header that is not ASCII (or a key that is not) must not raise
-        token_bytes = token.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key_bytes):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
 
     async def health(request):
         e = holder.engine
@@ -160,14 +135,49 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
         return await respond(request, body, chat, eng, holder, model, limits)
 
     # Plain Starlette routes: handlers take the request and return responses, no schema magic.
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, crash)
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
     app.add_route("/v1/chat/completions", complete, methods=["POST"])
     app.add_route("/v1/completions", complete, methods=["POST"])
     return app
+
+
+def base_app(api_key: str | None):
+    """A FastAPI app with the OpenAI-style error handlers, and the API-key check its routes
+    call: (app, authorize). Both servers (one model, and routed) start from it."""
+    fastapi = _require("fastapi")
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    key_bytes = check_api_key(api_key).encode() if api_key is not None else b""
+    app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request, exc: HTTPException):
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                       code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    async def crash(request, exc: Exception):
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def authorize(request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare bytes: a header that is not ASCII (or a key that is not) must not raise
+        token_bytes = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key_bytes):
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crash)
+    return app, authorize
 
 
 def check_api_key(key: str) -> str:

@@ -11,7 +11,6 @@ request gets exactly the tokens its model gives alone. This module knows HTTP an
 
 from __future__ import annotations
 
-import hmac
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,9 +23,8 @@ from . import protocol as P
 from .app import (
     EngineHolder,
     _read_body,
-    _require,
     _server,
-    check_api_key,
+    base_app,
     check_port,
     respond,
 )
@@ -88,34 +86,10 @@ def route_text(body: dict, chat: bool) -> str | None:
 
 
 def create_routed_app(models: Fleet, api_key: str | None = None, limits: Limits = Limits()):
-    fastapi = _require("fastapi")
-    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
 
-    key_bytes = check_api_key(api_key).encode() if api_key is not None else b""
-    app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
+    app, authorize = base_app(api_key)
     app.state.fleet, app.state.limits = models, limits
-
-    async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    async def http_error(request, exc: HTTPException):
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                       code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
-
-    async def crash(request, exc: Exception):
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    def authorize(request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token_bytes = token.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key_bytes):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
 
     async def health(request):
         per = {}
@@ -180,9 +154,6 @@ def create_routed_app(models: Fleet, api_key: str | None = None, limits: Limits 
         headers["x-edge-readme-model"] = name
         return await respond(request, body, chat, eng, holder, name, limits, headers, extra)
 
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, crash)
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/chat/completions", complete, methods=["POST"])
