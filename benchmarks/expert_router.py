@@ -270,10 +270,10 @@ def summarize(results: list[dict], wall: float, health: list[float], health_fail
 
 
 def part_load(configs: list[str], a) -> None:
-    from edge_readme.bench import cpu_summary  # here: the clients' processes stay torch-free
-
     """Start every configuration's server, then run each level on each server in turn, so the
     configurations meet the same background load (the machine is shared): ratios within a run."""
+    from edge_readme.bench import cpu_summary  # here: the clients' processes stay torch-free
+
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
     reports: dict[str, dict] = {}
     try:
