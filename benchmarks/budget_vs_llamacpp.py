@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -316,6 +317,8 @@ def main() -> int:
 
     from edge_readme.registry import resolve
 
+    # a SIGTERM unwinds like Ctrl-C: the running worker is killed and its cgroup removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dense = resolve(a.dense)
     gguf_bytes = dense.stat().st_size
     paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
