@@ -8,7 +8,9 @@ everything the worker keeps in RAM, the page cache of mmap'd or read files inclu
 pages its weights in and out of the same budget edge-readme plans for (`llamacpp-mmap` turns
 llama.cpp's weight repacking off, which would copy Q4_K weights into anonymous memory and defeat
 mmap; `llamacpp-repack` is llama.cpp's default, for comparison). edge-readme gets the budget
-minus what the worker's Python and torch already hold before loading (measured, not guessed).
+minus what its worker holds outside the memory plan: Python, torch and the model's tokenizer,
+measured by a probe worker, plus a margin. Where that plus the plan's minimum exceeds the budget,
+the configuration is reported as "does not fit" with the minimum, without being started.
 Before each configuration the model files are dropped from the page cache
 (posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
 the GGUF is fadvise-dropped before every llama.cpp token. That proxy is weaker than real memory
@@ -20,7 +22,7 @@ bytes read from storage (/proc/self/io read_bytes), held-out perplexity of the m
 Writes JSON and a plot (tokens/s against budget, one line per system, perplexity in the legend).
 
     python benchmarks/budget_vs_llamacpp.py --dense qwen2.5-coder-1.5b \\
-        --moe qwen2.5-coder-1.5b-readme --out budget_vs_llamacpp.json
+        --moe qwen2.5-coder-1.5b-readme --threads 2
 """
 
 from __future__ import annotations
