@@ -8,7 +8,9 @@ everything the worker keeps in RAM, the page cache of mmap'd or read files inclu
 pages its weights in and out of the same budget edge-readme plans for (`llamacpp-mmap` turns
 llama.cpp's weight repacking off, which would copy Q4_K weights into anonymous memory and defeat
 mmap; `llamacpp-repack` is llama.cpp's default, for comparison). edge-readme gets the budget
-minus what the worker's Python and torch already hold before loading (measured, not guessed).
+minus what its worker holds outside the memory plan: Python, torch and the model's tokenizer,
+measured by a probe worker, plus a margin. Where that plus the plan's minimum exceeds the budget,
+the configuration is reported as "does not fit" with the minimum, without being started.
 Before each configuration the model files are dropped from the page cache
 (posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
 the GGUF is fadvise-dropped before every llama.cpp token. That proxy is weaker than real memory
@@ -20,7 +22,7 @@ bytes read from storage (/proc/self/io read_bytes), held-out perplexity of the m
 Writes JSON and a plot (tokens/s against budget, one line per system, perplexity in the legend).
 
     python benchmarks/budget_vs_llamacpp.py --dense qwen2.5-coder-1.5b \\
-        --moe qwen2.5-coder-1.5b-readme --out budget_vs_llamacpp.json
+        --moe qwen2.5-coder-1.5b-readme --threads 2
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,8 +39,10 @@ from pathlib import Path
 
 PROMPT = ("<|im_start|>user\nWrite a Python function that returns the n-th Fibonacci number "
           "iteratively.<|im_end|>\n<|im_start|>assistant\n")
-HELDOUT_TOKENS = 96
+HELDOUT_TOKENS = 96  # defaults; --heldout-tokens and --decode-tokens shorten a run
 DECODE_TOKENS = 32
+CONTEXT = 512
+MARGIN = 64 << 20  # the worker's allocator and stack slack beyond its measured baseline
 GOALS = {"speedup_at_50": 3.0, "moonshot_at_50": 5.0, "ppl_ratio_max": 1.25, "at_100": 0.9}
 
 
@@ -124,14 +129,20 @@ def read_bytes() -> int:
     return 0
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
     for ln in Path("/proc/self/status").read_text().splitlines():
-        if ln.startswith("VmRSS:"):
+        if ln.startswith(field + ":"):
             return int(ln.split()[1]) * 1024
     return 0
 
 
+def peak_rss() -> int:
+    return rss("VmHWM")
+
+
 def heldout_text() -> str:
+    """Computed in the parent and passed to workers: importing the corpus imports torch, whose
+    ~220 MiB would otherwise count against llama.cpp's budget too."""
     from edge_readme.refactor.corpus import load_builtin
 
     docs = load_builtin("heldout")
@@ -142,32 +153,65 @@ def nll_of(logprobs_next) -> float:
     return -sum(logprobs_next) / len(logprobs_next)
 
 
+def worker_probe(cfg: dict) -> dict:
+    """What an edge-readme worker holds besides the memory plan: Python, torch, edge-readme and
+    the model's tokenizer (151936 entries for Qwen2.5: ~100 MiB of Python objects)."""
+    import torch
+
+    from edge_readme import Engine  # noqa: F401
+    from edge_readme.loader import load_model
+    from edge_readme.tokenizer import Tokenizer
+
+    torch.set_num_threads(cfg["threads"])
+    before = rss()
+    loaded = load_model(Path(cfg["path"]))  # lazy: headers only
+    tok = Tokenizer(loaded.tokenizer, loaded.chat_template)
+    tok.encode(PROMPT)
+    return {"status": "ok", "rss_bytes": rss(), "tokenizer_bytes": rss() - before}
+
+
 def worker_ours(cfg: dict) -> dict:
     import torch
 
-    from edge_readme import Engine
-    from edge_readme.runtime import StepStats
+    from edge_readme import BudgetTooSmallError, Engine
 
     threads = cfg["threads"]
     torch.set_num_threads(threads)
-    budget = cfg["limit"] - rss() - (64 << 20)  # what Python and torch hold is not ours to plan
+    # what Python, torch and the tokenizer hold (measured by the probe) is not ours to plan
+    base = max(rss(), cfg["process_bytes"])
+    budget = cfg["limit"] - base - MARGIN
     io0, t0 = read_bytes(), time.perf_counter()
-    with Engine.load(cfg["path"], device="cpu", memory_budget=budget, context_length=512,
-                     threads=threads, cold=cfg["kind"] == "moe") as e:
+    try:
+        e = Engine.load(cfg["path"], device="cpu", memory_budget=budget, context_length=CONTEXT,
+                        threads=threads, cold=cfg["kind"] == "moe")
+    except BudgetTooSmallError as err:
+        return {"status": "does not fit: " + str(err).split(";")[0],
+                "process_bytes": base, "plan_minimum_bytes": err.minimum_bytes,
+                "needs_bytes": base + MARGIN + err.minimum_bytes}
+    with e:
         load_s = time.perf_counter() - t0
-        r = e.generate(PROMPT, max_tokens=DECODE_TOKENS + 1, temperature=0.0, ignore_eos=True)
-        text_ids = e.tokenizer.encode(heldout_text())[:HELDOUT_TOKENS + 1]
-        rt, st = e.runtime, StepStats()
-        e.reset()
-        logits = rt.prefill(text_ids[:1], st)
+        load_peak = peak_rss()
+        # the build read model.safetensors once; its pages would stay charged to the cgroup
+        # until reclaim finds them: drop them now (experts.safetensors is read on demand anyway)
+        drop_from_page_cache([Path(cfg["path"])])
+        r = e.generate(PROMPT, max_tokens=cfg["decode_tokens"] + 1, temperature=0.0,
+                       ignore_eos=True)
+        text_ids = e.tokenizer.encode(cfg["heldout"])[:cfg["heldout_tokens"] + 1]
+        # teacher-forced, one token a step (as llama.cpp is scored); the engine's own thread
+        # is idle between requests, so its runtime can be stepped directly
+        rt = e.runtime
+        rt.reset()
+        logits = rt.step([(0, text_ids[:1])])[0]
         lp = []
-        for nxt in text_ids[1:]:
+        for i, nxt in enumerate(text_ids[1:]):
             lp.append(float(torch.log_softmax(logits.float(), -1)[nxt]))
-            logits = rt.decode(nxt, st)
+            if i + 2 < len(text_ids):
+                logits = rt.step([(0, [nxt])], speculate=True)[0]
         return {"status": "ok", "load_s": round(load_s, 1),
                 "ttft_s": r.stats["time_to_first_token_s"],
                 "decode_tok_s": r.stats["decode_tokens_per_s"], "bytes_read": read_bytes() - io0,
                 "ppl": round(math.exp(nll_of(lp)), 3), "engine_budget": budget,
+                "process_bytes": base, "load_peak_rss": load_peak, "peak_rss": peak_rss(),
                 "hit_ratio": (r.stats.get("cache") or {}).get("hit_ratio")}
 
 
@@ -195,23 +239,26 @@ def worker_llamacpp(cfg: dict) -> dict:
                 logits_all=False, verbose=False)
     load_s = time.perf_counter() - t0
     fd = os.open(cfg["path"], os.O_RDONLY) if cfg["proxy"] else None
+    n_vocab = llm.n_vocab()
 
     def step(tokens) -> np.ndarray:
         llm.eval(tokens)
         if fd is not None:  # the proxy: drop what is not mapped right now
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        # without logits_all, llama-cpp-python (0.3.x) no longer copies logits into llm.scores
+        # (they stay zero): read the context's single output row directly
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).astype(np.float64)
 
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     t1 = time.perf_counter()
     tok = int(np.argmax(step(ids)))
     ttft = time.perf_counter() - t1
     t2 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
+    for _ in range(cfg["decode_tokens"]):
         tok = int(np.argmax(step([tok])))
-    decode = DECODE_TOKENS / (time.perf_counter() - t2)
-    text_ids = llm.tokenize(heldout_text().encode(), add_bos=False, special=False)
-    text_ids = text_ids[:HELDOUT_TOKENS + 1]
+    decode = cfg["decode_tokens"] / (time.perf_counter() - t2)
+    text_ids = llm.tokenize(cfg["heldout"].encode(), add_bos=False, special=False)
+    text_ids = text_ids[:cfg["heldout_tokens"] + 1]
     llm.reset()
     lp = []
     for cur, nxt in zip(text_ids, text_ids[1:]):  # teacher-forced, as edge-readme is scored
@@ -220,7 +267,7 @@ def worker_llamacpp(cfg: dict) -> dict:
         lp.append(float(z[nxt] - np.log(np.exp(z).sum())))
     return {"status": "ok", "load_s": round(load_s, 1), "ttft_s": round(ttft, 3),
             "decode_tok_s": round(decode, 2), "bytes_read": read_bytes() - io0,
-            "ppl": round(math.exp(nll_of(lp)), 3)}
+            "ppl": round(math.exp(nll_of(lp)), 3), "peak_rss": peak_rss()}
 
 
 # ---------------------------------------------------------------- report
@@ -258,18 +305,22 @@ def main() -> int:
     ap.add_argument("--moe", default="qwen2.5-coder-1.5b-readme")
     ap.add_argument("--budgets", default="25,50,75,100", help="percent of the dense GGUF's bytes")
     ap.add_argument("--systems", default="ours-moe,ours-dense,llamacpp-mmap")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="the same for every system")
+    ap.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    ap.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
-    ap.add_argument("--out", default="budget_vs_llamacpp.json")
+    ap.add_argument("--out", default="results/budget/budget_vs_llamacpp.json")
     a = ap.parse_args()
     if a.worker:
         cfg = json.loads(a.worker)
-        fn = worker_llamacpp if cfg["kind"] == "llamacpp" else worker_ours
+        fn = {"llamacpp": worker_llamacpp, "probe": worker_probe}.get(cfg["kind"], worker_ours)
         print(json.dumps(fn(cfg)), flush=True)
         return 0
 
     from edge_readme.registry import resolve
 
+    # a SIGTERM unwinds like Ctrl-C: the running worker is killed and its cgroup removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dense = resolve(a.dense)
     gguf_bytes = dense.stat().st_size
     paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
@@ -278,38 +329,109 @@ def main() -> int:
     if no_cgroup:
         print(f"{no_cgroup}: llama.cpp runs under the fadvise proxy (see the module docstring)",
               file=sys.stderr)
+    common = {"threads": a.threads, "decode_tokens": a.decode_tokens,
+              "heldout_tokens": a.heldout_tokens, "heldout": heldout_text()}
+    needs = edge_readme_needs(a, paths, common)
+    for system, n in needs.items():
+        print(f"{system}: needs at least {n['needs_bytes'] / 2**20:.0f} MiB "
+              f"({n['needs_bytes'] / gguf_bytes:.0%} of the dense GGUF): process "
+              f"{n['process_bytes'] / 2**20:.0f} MiB + plan minimum "
+              f"{n['plan_minimum_bytes'] / 2**20:.0f} MiB + margin {MARGIN >> 20} MiB",
+              file=sys.stderr)
     rows = []
     for pct in [int(x) for x in a.budgets.split(",")]:
         limit = gguf_bytes * pct // 100
         for system in a.systems.split(","):
             kind, name = paths[system]
-            cfg = {"kind": kind, "path": str(resolve(name)), "threads": a.threads,
-                   "repack": system == "llamacpp-repack"}
+            cfg = {"kind": kind, "path": str(resolve(name)),
+                   "repack": system == "llamacpp-repack", **common,
+                   "process_bytes": needs.get(system, {}).get("process_bytes", 0)}
             t = time.time()
-            if kind == "dense" and float32_bytes(dense) > limit:
-                # loading dequantizes every weight first: the cgroup would kill it (measured once)
-                r = {"status": f"does not fit: float32 weights {float32_bytes(dense) / 2**30:.2f} "
-                               f"GiB > budget"}
+            n = needs.get(system)
+            if n and n["needs_bytes"] > limit:
+                # the worker would be killed before it could say so: torch alone is most of it
+                r = {"status": f"does not fit: needs {n['needs_bytes'] / 2**20:.0f} MiB > budget "
+                               f"{limit / 2**20:.0f} MiB", **n}
             else:
                 r = run_config(cfg, limit, no_cgroup is not None, a.timeout)
             row = {"system": system, "budget_pct": pct, "limit_bytes": limit, **r,
                    "wall_s": round(time.time() - t)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"dense_gguf": str(dense), "dense_gguf_bytes": gguf_bytes, "threads": a.threads,
+    report = {"dense_gguf": str(dense), "dense_gguf_bytes": gguf_bytes,
+              "moe": str(resolve(a.moe)), "threads": a.threads,
+              "decode_tokens": a.decode_tokens, "heldout_tokens": a.heldout_tokens,
+              "context_length": CONTEXT,
               "confinement": no_cgroup or "memory cgroup (v1) per configuration",
-              "cpu": _cpu(), "rows": rows, "goals": GOALS}
+              "cpu": _cpu(), "edge_readme_needs": needs, "rows": rows, "goals": GOALS,
+              "goal_check": goal_check(rows)}
     out = Path(a.out)
-    out.write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
     if plot(rows, out.with_suffix(".png")):
         print(f"plot: {out.with_suffix('.png')}")
+    print(json.dumps(report["goal_check"], indent=2))
     return 0
 
 
-def float32_bytes(gguf: Path) -> int:
-    from edge_readme.gguf_file import GGUFFile
+def edge_readme_needs(a, paths: dict, common: dict) -> dict:
+    """Per edge-readme system: the worker's own baseline (measured in a probe worker), the memory
+    plan's minimum at this context (from the model's headers, no weights read), and their sum."""
+    from edge_readme.registry import resolve
+    from edge_readme.runtime import dry_run_plan
 
-    return 4 * sum(math.prod(t.shape) for t in GGUFFile(gguf).tensors)
+    ours = [s for s in a.systems.split(",") if paths[s][0] in ("moe", "dense")]
+    if not ours:
+        return {}
+    needs = {}
+    for s in ours:
+        path = str(resolve(paths[s][1]))
+        probe = subprocess.run([sys.executable, __file__, "--worker",
+                                json.dumps({"kind": "probe", "threads": a.threads,
+                                            "path": path})],
+                               capture_output=True, text=True, check=True)
+        pr = json.loads(probe.stdout.splitlines()[-1])
+        base = pr["rss_bytes"]
+        plan = dry_run_plan(path, {"device": "cpu", "context_length": CONTEXT})
+        needs[s] = {"process_bytes": base, "tokenizer_bytes": pr["tokenizer_bytes"],
+                    "plan_minimum_bytes": plan["minimum_bytes"],
+                    "plan_all_resident_bytes": plan["all_resident_bytes"],
+                    "needs_bytes": base + MARGIN + plan["minimum_bytes"]}
+    return needs
+
+
+def goal_check(rows: list[dict]) -> dict:
+    """The issue's goals, against llama.cpp with mmap at the same budget: met, missed, or not
+    measurable (a system did not run there)."""
+    def at(system, pct):
+        return next((r for r in rows if r["system"] == system and r["budget_pct"] == pct
+                     and r.get("status") == "ok"), None)
+
+    dense_ppl = next((r["ppl"] for r in rows if r["system"] == "llamacpp-mmap" and r.get("ppl")),
+                     None)
+    out = {}
+    for pct in sorted({r["budget_pct"] for r in rows}):
+        ref, ours = at("llamacpp-mmap", pct), at("ours-moe", pct) or at("ours-dense", pct)
+        if pct > 100 or not ref:
+            continue
+        key = f"at_{pct}"
+        if not ours:
+            out[key] = "missed: edge-readme does not run at this budget"
+            continue
+        speed = ours["decode_tok_s"] / ref["decode_tok_s"]
+        ratio = ours["ppl"] / dense_ppl if dense_ppl else None
+        if pct <= 50:
+            ok = speed >= GOALS["speedup_at_50"] and ratio is not None and ratio <= 1.25
+            need = ">= 3x and ppl ratio <= 1.25"
+        elif pct == 100:
+            ok, need = speed >= GOALS["at_100"], ">= 0.9x"
+        else:
+            ok, need = None, "no goal"
+        out[key] = {"speedup": round(speed, 2), "ppl_ratio": ratio and round(ratio, 3),
+                    "goal": need, "met": ok}
+    return out
 
 
 def _cpu() -> str:
