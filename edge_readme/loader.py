@@ -107,7 +107,7 @@ class Rows:
     """A matrix handed out a block of rows at a time: an embedding table or output head of
     150k rows is never whole in float32 while it is converted to its format."""
 
-    BLOCK = 2048
+    BLOCK = 2048  # a multiple of 64: the int4 layout packs rows in blocks of 64
 
     def __init__(self, shape: tuple[int, ...], fetch: Callable[[int, int], torch.Tensor]):
         self.shape, self._fetch = tuple(shape), fetch

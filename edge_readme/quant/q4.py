@@ -30,11 +30,13 @@ CHUNK_BYTES = 512 << 10  # float bytes quantized at a time: the fit's temporarie
 # the 1 MiB mmap threshold the loader sets (memory.bound_heap), so they reuse heap memory
 
 
-def row_chunks(w) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, float32 rows) of a [N, K] matrix or row source, CHUNK_BYTES at a time."""
+def row_chunks(w, multiple: int = 16) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows) of a [N, K] matrix or row source, about CHUNK_BYTES at a time,
+    in a multiple of `multiple` rows (the source's blocks must be multiples of it too)."""
     r = 0
     for block in [w] if isinstance(w, torch.Tensor) else w.blocks():
-        for rows in block.detach().split(max(16, CHUNK_BYTES // (4 * block.shape[1]))):
+        n = max(multiple, CHUNK_BYTES // (4 * block.shape[1]) // multiple * multiple)
+        for rows in block.detach().split(n):
             yield r, rows.float()
             r += rows.shape[0]
 
@@ -172,13 +174,17 @@ class Q4Weight:
         """w: a [N, K] float matrix, or a row source (`loader.Rows`: a big table read a block
         at a time, never whole in float32)."""
         N, K = w.shape
-        q = torch.empty(N, K, dtype=torch.uint8)
+        packed = torch.empty(N, K // 2, dtype=torch.uint8)
         scale, lo = torch.empty(N, K // GROUP), torch.empty(N, K // GROUP)
-        for r, rows in row_chunks(w):  # the fit's temporaries stay small, and the outputs are
-            n = rows.shape[0]  # allocated once (no pieces left between them in the heap)
-            q[r:r + n], scale[r:r + n], lo[r:r + n] = (
+        # by row blocks of 64 (the packed layout's unit, so packing a block at a time equals
+        # packing the whole): the fit's temporaries stay small, and the outputs are allocated
+        # once (no pieces left between them in the heap, no unpacked copy of the matrix)
+        for r, rows in row_chunks(w, ROW_BLOCK):
+            n = rows.shape[0]
+            q, scale[r:r + n], lo[r:r + n] = (
                 x.reshape(n, -1) for x in _grid_fit(rows.reshape(n, -1, GROUP)))
-        return cls.from_parts(pack(q), scale, lo, dtype)
+            packed[r:r + n] = pack(q)
+        return cls.from_parts(packed, scale, lo, dtype)
 
     @classmethod
     def from_parts(cls, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
