@@ -186,9 +186,8 @@ class Engine:
                 raise EdgeReadmeError(f"--schedule: unknown {batching['schedule']!r}; use one "
                                       "of " + ", ".join(POLICIES))
         path = resolve(model, progress=progress)
-        from .memory import bound_heap, trim_heap
+        from .memory import bounded_heap, trim_heap
 
-        bound_heap()  # the loader's temporaries go back to the OS as they are freed
         progress("read", 0.0)
         loaded = load_model(path)
         progress("read", 1.0)
@@ -198,8 +197,9 @@ class Engine:
         from .cache.policies import make_policy
 
         make_policy(policy)  # refuse an unknown policy before loading weights
-        runtime = Runtime(loaded, opts, on_progress=progress)
-        del loaded  # the loader's open files, and the heap its reads held
+        with bounded_heap():  # the build's big temporaries leave the process when freed
+            runtime = Runtime(loaded, opts, on_progress=progress)
+            del loaded  # the loader's open files, and the heap its reads held
         trim_heap()
         try:
             return cls(runtime, tokenizer, path, str(model),

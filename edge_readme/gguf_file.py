@@ -28,7 +28,7 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 
 
 DEQUANT_BYTES = 256 << 10  # float32 bytes dequantized at a time: the gguf package's numpy
-# temporaries stay below the 1 MiB mmap threshold of a load (memory.bound_heap)
+# temporaries stay below the 1 MiB mmap threshold of a load (memory.bounded_heap)
 
 
 @dataclass(frozen=True)

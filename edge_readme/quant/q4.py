@@ -27,7 +27,7 @@ def eligible(shape: tuple[int, ...]) -> bool:
 
 
 CHUNK_BYTES = 512 << 10  # float bytes quantized at a time: the fit's temporaries stay below
-# the 1 MiB mmap threshold the loader sets (memory.bound_heap), so they reuse heap memory
+# the 1 MiB mmap threshold the loader sets (memory.bounded_heap), so they reuse heap memory
 
 
 def row_chunks(w, multiple: int = 16) -> Iterator[tuple[int, torch.Tensor]]:
