@@ -77,10 +77,9 @@ class LazyTensors(Mapping):
     A lookup returns a fresh tensor that nothing else holds, so dropping it frees it. Code that
     needs many passes over the weights (refactoring, calibration) takes `dict(tensors)` once."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], fetch: Callable[..., torch.Tensor],
-                 keep: Any = None):
-        self._shapes, self._fetch = shapes, fetch  # fetch(name) or fetch(name, start, stop)
-        self._keep = keep  # the open file handles the fetcher reads from
+    def __init__(self, shapes: dict[str, tuple[int, ...]], fetch: Callable[..., torch.Tensor]):
+        # fetch(name) or fetch(name, start, stop); its closure holds the open files
+        self._shapes, self._fetch = shapes, fetch
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._shapes:
@@ -236,7 +235,7 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     for t in infos.values():  # every type dequantizes (one row each) before the build
         rows(t, 0, 1)
-    tensors = LazyTensors({n: tuple(reversed(t.shape)) for n, t in infos.items()}, fetch, g)
+    tensors = LazyTensors({n: tuple(reversed(t.shape)) for n, t in infos.items()}, fetch)
     config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in tensors)
     _check_tensors(config, tensors, str(path))
     spec = _gguf_tokenizer(g.fields, path)
@@ -360,7 +359,7 @@ def _folder_tensors(folder: Path) -> LazyTensors:
         t = get(name, start, stop)
         return t.float() if t.is_floating_point() else t
 
-    return LazyTensors(shapes, fetch, where)
+    return LazyTensors(shapes, fetch)
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:

@@ -119,12 +119,11 @@ def convert(w: torch.Tensor | Rows, fmt: str, role: str, device: torch.device) -
     a `Rows` source (a big table read a block at a time): no whole float copy is made."""
     whole = isinstance(w, torch.Tensor)
     form = weight_form(fmt, tuple(w.shape), role, device, whole and four_bit(fmt, w, role))
-    src = w  # a tensor, or Rows: the quantizers read either a chunk at a time
-    if form == "q4":
-        return Q4Weight.quantize(src, torch.float32).to(device) if device.type != "cpu" \
-            else Q4Weight.quantize(src, act_dtype(fmt, device))
+    if form == "q4":  # the quantizers read a tensor or Rows a chunk at a time
+        return Q4Weight.quantize(w, torch.float32).to(device) if device.type != "cpu" \
+            else Q4Weight.quantize(w, act_dtype(fmt, device))
     if form == "q8":
-        return Q8Weight.quantize(src, act_dtype(fmt, device))
+        return Q8Weight.quantize(w, act_dtype(fmt, device))
     dtype = compute_dtype(fmt, device)
     if not whole:
         return torch.cat([b.to(device=device, dtype=dtype) for b in w.blocks()])
