@@ -26,6 +26,7 @@ import torch
 from . import validate
 from .config import ModelConfig
 from .errors import ModelFormatError
+from .rowfile import RowFile, safetensors_rows
 
 GGUF_MAGIC = b"GGUF"
 
@@ -77,9 +78,11 @@ class LazyTensors(Mapping):
     A lookup returns a fresh tensor that nothing else holds, so dropping it frees it. Code that
     needs many passes over the weights (refactoring, calibration) takes `dict(tensors)` once."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], fetch: Callable[..., torch.Tensor]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], fetch: Callable[..., torch.Tensor],
+                 row_files: dict[str, RowFile] | None = None):
         # fetch(name) or fetch(name, start, stop); its closure holds the open files
         self._shapes, self._fetch = shapes, fetch
+        self._row_files = row_files or {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._shapes:
@@ -101,6 +104,11 @@ class LazyTensors(Mapping):
     def rows(self, name: str) -> "Rows":
         return Rows(self._shapes[name], lambda a, b: self._fetch(name, a, b))
 
+    def row_file(self, name: str) -> RowFile | None:
+        """Where the matrix's rows lie in its file, if they can be read one at a time there
+        (plain floats or GGUF blocks, not permuted or split): see `rowfile`."""
+        return self._row_files.get(name)
+
 
 class Rows:
     """A matrix handed out a block of rows at a time: an embedding table or output head of
@@ -120,6 +128,10 @@ def row_source(tensors: Mapping[str, Any], name: str) -> "torch.Tensor | Rows":
     """A plain (unpermuted, unconcatenated) matrix as row blocks where the loader can, else
     the tensor."""
     return tensors.rows(name) if isinstance(tensors, LazyTensors) else tensors[name]
+
+
+def row_file(tensors: Mapping[str, Any], name: str) -> RowFile | None:
+    return tensors.row_file(name) if isinstance(tensors, LazyTensors) else None
 
 
 def shape_of(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
@@ -235,7 +247,12 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     for t in infos.values():  # every type dequantizes (one row each) before the build
         rows(t, 0, 1)
-    tensors = LazyTensors({n: tuple(reversed(t.shape)) for n, t in infos.items()}, fetch)
+    lookups = {n: RowFile(path, t.offset, t.nbytes // t.shape[1], (t.shape[1], t.shape[0]),
+                          f"gguf:{t.qtype}")
+               for n, t in infos.items() if n.endswith("embed_tokens.weight")
+               and len(t.shape) == 2}
+    tensors = LazyTensors({n: tuple(reversed(t.shape)) for n, t in infos.items()}, fetch,
+                          lookups)
     config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in tensors)
     _check_tensors(config, tensors, str(path))
     spec = _gguf_tokenizer(g.fields, path)
@@ -324,8 +341,11 @@ def _folder_tensors(folder: Path) -> LazyTensors:
 
     where: dict[str, tuple[Any, Path]] = {}
     meta: dict[str, tuple[tuple[int, ...], str]] = {}
+    lookups: dict[str, RowFile] = {}
     for path in safetensors_files(folder):
         f = _safe_open(path)
+        lookups.update((n, r) for n, r in safetensors_rows(path).items()
+                       if n.endswith("embed_tokens.weight") or n == "router.embed")
         for name in f.keys():
             sl = f.get_slice(name)
             where[name] = (f, path)
@@ -359,7 +379,7 @@ def _folder_tensors(folder: Path) -> LazyTensors:
         t = get(name, start, stop)
         return t.float() if t.is_floating_point() else t
 
-    return LazyTensors(shapes, fetch)
+    return LazyTensors(shapes, fetch, lookups)
 
 
 def _load_hf_folder(folder: Path) -> LoadedModel:

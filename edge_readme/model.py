@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .loader import row_source, shape_of
-from .quant import Weight, convert, embedding, linear, nbytes
+from .quant import FileRows, Weight, convert, embedding, linear, nbytes
+from .rowfile import RowFile
 
 
 @dataclass(frozen=True)
@@ -340,16 +341,22 @@ def spec_shape(c: ModelConfig, tensors: dict[str, torch.Tensor], path: str, name
 
 
 def build_transformer(c: ModelConfig, tensors: dict[str, torch.Tensor], device, dtype,
-                      rope_length: int | None = None, weights: str | None = None) -> Transformer:
+                      rope_length: int | None = None, weights: str | None = None,
+                      in_file: Mapping[str, RowFile] | None = None) -> Transformer:
     """Build on the meta device, then assign real tensors (no throwaway random init).
 
     weights: a format of `edge_readme.quant` (None: plain tensors in `dtype`); each weight is
-    converted as it is assigned, so at most one float copy of one tensor is alive at a time."""
+    converted as it is assigned, so at most one float copy of one tensor is alive at a time.
+    in_file: lookup tables left in the model file (see `rowfile`), by tensor name; needs weights."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(c, rope_length)
     cos, sin = rope_tables(c.head_dim, rope_length or c.max_position, c.rope_theta, device, dtype)
+    in_file = in_file or {}
     for path, name, make, role in weight_specs(c, tensors, weights):
+        if name == "embed" and "model.embed_tokens.weight" in in_file and weights is not None:
+            _assign(model, name, FileRows(in_file["model.embed_tokens.weight"], weights, device))
+            continue
         t = make()
         if weights is None or role == "norm":
             t = t if isinstance(t, torch.Tensor) else torch.cat(list(t.blocks()))

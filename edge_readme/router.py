@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import RouterConfig
 from .errors import ModelFormatError
+from .loader import shape_of
 from .model import apply_rope, causal_mask, rope_tables
 
 __all__ = ["Router", "RouterCache", "router_tensor_names"]
@@ -119,28 +120,35 @@ class Router(nn.Module):
 
     @classmethod
     def from_tensors(cls, cfg: RouterConfig, num_experts: int, num_backbone_layers: int,
-                     routing: str, tensors: dict[str, torch.Tensor], device=None) -> "Router":
-        """Build from `router.*` tensors (as written by `state_tensors`)."""
+                     routing: str, tensors: dict[str, torch.Tensor], device=None,
+                     embed_rows=None) -> "Router":
+        """Build from `router.*` tensors (as written by `state_tensors`). embed_rows: a
+        `quant.FileRows` to look the embedding up in the file instead of holding it."""
         if "router.embed" not in tensors:
             raise ModelFormatError("model.safetensors has no router tensors (router.embed "
                                    "missing); the MoE folder is incomplete: re-run the refactor")
         with torch.device("meta"):
-            r = cls(cfg, tensors["router.embed"].shape[0], num_experts, num_backbone_layers,
+            r = cls(cfg, shape_of(tensors, "router.embed")[0], num_experts, num_backbone_layers,
                     routing)
         want = dict(r.named_parameters())
         missing = sorted(f"router.{n}" for n in want if f"router.{n}" not in tensors)
         wrong = [f"router.{n}: expected {tuple(p.shape)}, "
-                 f"found {tuple(tensors['router.' + n].shape)}"
+                 f"found {shape_of(tensors, 'router.' + n)}"
                  for n, p in want.items()
-                 if f"router.{n}" in tensors and tensors[f"router.{n}"].shape != p.shape]
+                 if f"router.{n}" in tensors and shape_of(tensors, f"router.{n}") != p.shape]
         if missing or wrong:
             raise ModelFormatError(f"router tensors do not match moe.router in config.json: "
                                    f"missing {missing}, wrong shapes {wrong}; re-run the refactor")
+        if embed_rows is not None:
+            del r._parameters["embed"], want["embed"]
         r.load_state_dict({n: tensors[f"router.{n}"].float() for n in want},
                           strict=False, assign=True)
         cos, sin = rope_tables(cfg.dim // cfg.num_heads, cfg.max_position, cfg.rope_theta)
         r.cos, r.sin = cos, sin
-        return r.to(device) if device is not None else r
+        r = r.to(device) if device is not None else r
+        if embed_rows is not None:
+            r.embed = embed_rows
+        return r
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"router.{n}": p.detach().contiguous() for n, p in self.named_parameters()}
@@ -148,8 +156,13 @@ class Router(nn.Module):
     def new_cache(self, length: int, device=None) -> RouterCache:
         if length > self.cfg.max_position:
             raise ValueError(f"router cache length {length} > max_position {self.cfg.max_position}")
-        dev = device if device is not None else self.embed.device
-        return RouterCache(self.cfg, length, dev, self.embed.dtype)
+        dev = device if device is not None else self.norm.device
+        return RouterCache(self.cfg, length, dev, self.norm.dtype)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, torch.Tensor):
+            return F.embedding(ids, self.embed)
+        return self.embed.rows(ids, self.norm.dtype)  # left in the file
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -161,7 +174,7 @@ class Router(nn.Module):
             cache = self.new_cache(pos + T)
         if pos + T > cache.length:
             raise ValueError(f"router cache holds {cache.length} positions; asked for {pos + T}")
-        x = F.embedding(ids, self.embed)  # [T, d]
+        x = self._embed(ids)  # [T, d]
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         mask = causal_mask(pos, T, x.device)
         for i, b in enumerate(self.blocks):
@@ -174,7 +187,7 @@ class Router(nn.Module):
     def forward_batch(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, T] whole sequences -> logits [B, T, E] or [B, T, L, E]; no cache (training)."""
         B, T = ids.shape
-        x = F.embedding(ids, self.embed)  # [B, T, d]
+        x = self._embed(ids)  # [B, T, d]
         for b in self.blocks:
             x = b.full(x, self.cos[:T], self.sin[:T])
         logits = F.linear(F.rms_norm(x, x.shape[-1:], self.norm, EPS), self.head)

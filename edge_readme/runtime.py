@@ -21,10 +21,11 @@ from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
 from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
-from .loader import LoadedModel, shape_of
+from .loader import LoadedModel, row_file, shape_of
 from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
 from .quant import experts as qexperts
 from .quant.lowbit import parse_miss_precision
+from .rowfile import RowFile
 from .threads import Anchor
 
 Key = tuple[int, int]
@@ -50,6 +51,7 @@ class RuntimeOptions:
     quantize: str | None = None  # "int8": the old spelling of weights="q8"
     max_batch: int = 1  # sequence slots: each has its own KV cache, counted in the plan
     miss_precision: str | None = None  # q2, q3, q4: a miss computes with a low-bit copy (inexact)
+    embeddings: str = "file"  # "file": lookup-only tables are read by row from the model file
 
 
 @dataclass
@@ -125,21 +127,45 @@ def context_limit(c: ModelConfig, asked: int) -> int:
     return min(limit, c.moe.router.max_position) if c.moe is not None else limit
 
 
+EMBEDDINGS = ("file", "memory")
+
+
+def tables_in_file(loaded: LoadedModel, o: RuntimeOptions, fmt: str) -> dict[str, RowFile]:
+    """The lookup tables that stay in the model file (0 bytes in the plan), by tensor name: the
+    token embedding when the head is a matrix of its own, and the router's embedding. Each
+    lookup reads its rows (`rowfile`), and the values are those the in-memory table holds."""
+    if o.embeddings not in EMBEDDINGS:
+        raise EdgeReadmeError(f"--embeddings: expected one of {', '.join(EMBEDDINGS)}, got "
+                              f"{o.embeddings!r}")
+    if o.embeddings == "memory":
+        return {}
+    c, names = loaded.config, []
+    if not c.tie_embeddings:
+        names.append("model.embed_tokens.weight")
+    if c.moe is not None:
+        names.append("router.embed")
+    found = {n: row_file(loaded.tensors, n) for n in names}
+    return {n: r for n, r in found.items() if r is not None}
+
+
 def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
              dtype: torch.dtype, context_length: int, fmt: str | None = None) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
     c, item = loaded.config, dtype.itemsize
     fmt = fmt or pick_format(o, device)[0]
     dense_bytes = 2 * context_length * c.head_dim * item  # rope tables
+    in_file = tables_in_file(loaded, o, fmt)
     for path, name, make, role in weight_specs(c, loaded.tensors, fmt):
         shape = spec_shape(c, loaded.tensors, path, name, fmt)
+        if name == "embed" and "model.embed_tokens.weight" in in_file:
+            continue  # read by row from the file
         if role == "norm":
             dense_bytes += shape[0] * item
         else:
             four = role == "down" and quant.four_bit(fmt, make(), role)
             dense_bytes += quant.planned_nbytes(fmt, shape, role, device, four)
     dense_bytes += sum(math.prod(shape_of(loaded.tensors, n)) * 4 for n in loaded.tensors
-                       if n.startswith("router."))  # the router stays float32
+                       if n.startswith("router.") and n not in in_file)  # float32
     seqs = max(1, o.max_batch)  # one KV cache (and router cache) per sequence slot
     if c.moe is not None:  # the router's rope tables, and its keys/values for the context
         r = c.moe.router
@@ -242,8 +268,12 @@ class Runtime:
                              self.context_length, self.weights)
         progress = on_progress or (lambda stage, frac: None)
         progress("weights", 0.0)
+        self.in_file = tables_in_file(loaded, o, self.weights)
+        for rows in self.in_file.values():
+            self._stack.callback(rows.close)
         self.model = build_transformer(c, loaded.tensors, self.device, self.dtype,
-                                       rope_length=self.context_length, weights=self.weights)
+                                       rope_length=self.context_length, weights=self.weights,
+                                       in_file=self.in_file)
         self.router = self.cache = self.prefetcher = self.miss = None
         self.all_resident = False
         if c.moe is not None:
@@ -261,8 +291,11 @@ class Runtime:
         from .router import Router
 
         c, o, m = self.config, self.options, self.manifest
-        self.router = Router.from_tensors(c.moe.router, c.moe.num_experts, c.num_layers,
-                                          c.moe.routing, loaded.tensors, self.device)
+        rows = self.in_file.get("router.embed")
+        self.router = Router.from_tensors(
+            c.moe.router, c.moe.num_experts, c.num_layers, c.moe.routing, loaded.tensors,
+            self.device, embed_rows=None if rows is None else quant.FileRows(rows, "f32",
+                                                                             self.device))
         store = self._stack.enter_context(ExpertStore(m, verify=o.verify, cold=o.cold))
         self.cache = self._stack.enter_context(
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,

@@ -112,6 +112,11 @@ def model_options(fn: Callable | None = None, *, several: bool = False) -> Calla
         click.option("--cold", is_flag=True,
                      help="Keep expert reads out of the OS page cache (measure real storage)."),
         MISS_PRECISION,
+        click.option("--embeddings", type=click.Choice(["file", "memory"]), default="file",
+                     show_default=True,
+                     help="file: read lookup-only tables (a token embedding with a separate "
+                          "output head, the router's embedding) by row from the model file, "
+                          "outside the budget; memory: hold them. Same answers either way."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -121,7 +126,7 @@ def model_options(fn: Callable | None = None, *, several: bool = False) -> Calla
 def engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     out = {k: kw.pop(k) for k in ("memory_budget", "policy", "device", "weights", "dtype",
                                   "threads", "context_length", "verify", "cold", "quantize",
-                                  "miss_precision")}
+                                  "miss_precision", "embeddings")}
     out["prefetch"] = not kw.pop("no_prefetch")
     if out["memory_budget"] is not None:
         from ..budget import parse_budget

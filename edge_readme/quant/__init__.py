@@ -31,7 +31,7 @@ WEIGHT_FORMATS = ("q4", "q8", "bf16", "f16", "f32")
 _ALIASES = {"int8": "q8", "int4": "q4", "float32": "f32", "fp32": "f32", "bfloat16": "bf16",
             "float16": "f16", "fp16": "f16"}
 _FLOAT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-Weight = torch.Tensor | Q4Weight | Q8Weight
+Weight = torch.Tensor | Q4Weight | Q8Weight  # and FileRows, for a lookup table left on disk
 
 
 def parse_format(name: str) -> str:
@@ -141,7 +141,38 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return w(x)
 
 
+class FileRows:
+    """A lookup table left in the model file (`rowfile.RowFile`): each lookup reads its rows and
+    gives exactly what the in-memory table of format `fmt` would (int8 rows are quantized per
+    row, so one row quantized alone equals that row of the whole table). Holds no weight bytes."""
+
+    nbytes = 0
+
+    def __init__(self, source, fmt: str, device: torch.device):
+        self.source, self.shape = source, tuple(source.shape)
+        self.form = weight_form(fmt, self.shape, "embed", device)
+        self.fmt, self.device = fmt, device
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1).tolist()
+        uniq = sorted(set(flat))
+        block = torch.from_numpy(self.source.read(uniq))
+        if self.form == "q8":
+            block = Q8Weight.quantize(block, act_dtype(self.fmt, self.device)).rows(
+                torch.arange(len(uniq)))
+        else:
+            block = block.to(compute_dtype(self.fmt, self.device))
+        where = {t: i for i, t in enumerate(uniq)}
+        out = block[torch.tensor([where[t] for t in flat], dtype=torch.long)]
+        return out.to(device=self.device, dtype=dtype).view(*ids.shape, self.shape[1])
+
+    def close(self) -> None:
+        self.source.close()
+
+
 def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, FileRows):
+        return w.rows(ids, dtype)
     if isinstance(w, Q8Weight):
         return w.rows(ids).to(dtype)
     return F.embedding(ids, w)
@@ -151,7 +182,7 @@ def nbytes(w: Weight) -> int:
     return w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
 
 
-__all__ = ["Q4Weight", "Q8Weight", "WEIGHT_FORMATS", "Weight", "act_dtype", "check_device",
-           "compute_dtype", "four_bit", "kv_dtype",
+__all__ = ["FileRows", "Q4Weight", "Q8Weight", "WEIGHT_FORMATS", "Weight", "act_dtype",
+           "check_device", "compute_dtype", "four_bit", "kv_dtype",
            "convert", "default_format", "embedding", "linear", "nbytes", "parse_format",
            "planned_nbytes", "weight_form"]

@@ -45,7 +45,7 @@ class ReadmeDomainRouter:
     def domain_distribution(self, text: str) -> torch.Tensor:
         """Mean router softmax over the prompt's tokens: [E], summing to 1."""
         ids = self.encode(text)[:MAX_TOKENS] or [0]
-        dev = self.router.embed.device
+        dev = self.router.norm.device
         with torch.inference_mode():
             logits = self.router(torch.tensor(ids, device=dev))  # [T, E] or [T, L, E]
             p = torch.softmax(logits.float(), dim=-1)
