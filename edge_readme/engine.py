@@ -152,7 +152,7 @@ class Engine:
             tid = tokenizer.token_to_id(special)
             if tid is not None:
                 self.eos_ids.add(tid)
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._queue: queue.Queue[_Request | _Control | None] = queue.Queue()
         self._pending: list[_Request] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -271,6 +271,28 @@ class Engine:
         """Forget the cached sequence: the next request prefills its whole prompt."""
         self._reset = True
 
+    def set_memory_budget(self, budget: int | str) -> dict[str, Any]:
+        """Give this engine a new memory budget while it serves (CPU, a Read-ME model): its
+        expert slots grow or shrink between two forward passes, evicting by the cache policy;
+        the dense part and KV caches stay. Returns the new plan; raises BudgetTooSmallError
+        below the minimum. Answers do not change: offloading is exact."""
+        if isinstance(budget, str):
+            from .budget import parse_budget
+
+            parsed = parse_budget(budget)
+            if parsed is None:
+                raise EdgeReadmeError("memory budget: 'auto' is for loading; give a size")
+            budget = parsed
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+            raise EdgeReadmeError(f"memory budget: expected a positive byte count, got "
+                                  f"{budget!r}")
+        ctl = _Control(lambda: self.runtime.set_memory_budget(budget).to_json())
+        with self._lock:
+            if self._closed:
+                raise EdgeReadmeError("the engine is closed")
+            self._queue.put(ctl)
+        return ctl.wait()
+
     def generate(self, prompt: str | Sequence[int], **kw: Any) -> Result:
         return self.stream(prompt, **kw).collect()
 
@@ -313,6 +335,9 @@ class Engine:
                     for s in list(sched.running) + list(sched.waiting):
                         self._finish(s.handle, "cancelled")
                     return
+                if isinstance(req, _Control):  # between two steps: no expert is in use
+                    req.run()
+                    continue
                 try:
                     self._begin(req)
                 except Exception as e:  # delivered to the caller; the engine stays usable
@@ -499,6 +524,28 @@ class Engine:
             d["cache"] = rt.cache.stats.to_json()
             d["speculation"] = {"guesses": t.speculations, "right": t.speculations_right}
         return d
+
+
+class _Control:
+    """Work the engine's own thread runs between two steps (a budget change), and its answer."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn, self.done = fn, threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # handed to the caller
+            self.error = e
+        self.done.set()
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def _future_keys(s: Seq) -> list[tuple[int, int]]:

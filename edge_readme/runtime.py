@@ -10,6 +10,7 @@ runs, so each step first tells the cache the known future (Belady's lookahead) a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -517,6 +518,24 @@ class Runtime:
         self.cache.lookahead.clear()  # the likeliest path first, then the runners-up's first layer
         self.cache.lookahead.extend(guess + list(dict.fromkeys(others)) + self._queued_future)
         self.prefetcher.submit(guess[: o.speculate_layers])
+
+    def set_memory_budget(self, budget: int) -> MemoryPlan:
+        """Re-split a running model at a new budget: the dense part, KV caches and scratch stay
+        as they are; the expert slots become what fits beside them (at least one, else a
+        BudgetTooSmallError with the minimum). Call it between forward passes. The cache evicts
+        by its policy over the future it was told, and a shrink's freed memory goes back to the
+        OS before this returns, so a caller that moves bytes from one model to another can
+        shrink the first and then grow the second without the sum passing the total."""
+        if self.cache is None:
+            raise EdgeReadmeError("memory budget: a dense model has no expert slots to resize")
+        p = self.plan
+        plan = plan_memory(p.dense_bytes, p.slot_bytes, len(self.manifest.entries),
+                           p.kv_cache_bytes, p.scratch_bytes, budget, min_slots=1)
+        plan = dataclasses.replace(plan, slots=self.cache.resize(plan.slots))
+        self.plan = plan
+        if plan.slots < len(self.manifest.entries):
+            self.all_resident = False  # loads, evictions, prefetch and speculation again
+        return plan
 
     # ------------------------------------------------------------------ reporting
 

@@ -1,7 +1,10 @@
 """ExpertCache: a fixed set of device slots holding experts, filled from an ExpertStore.
 
 All memory is allocated up front: one device block of num_slots slots (each as large as the
-largest expert in the compute dtype) and a few host staging buffers (pinned on CUDA). The model
+largest expert in the compute dtype) and a few host staging buffers (pinned on CUDA). On the CPU
+the block's address range is reserved for every expert, but only the first num_slots slots are
+ever written, so only they take memory; `resize` moves that line while serving (a shrink evicts
+by the policy, compacts, and hands the freed slots' pages back to the OS). The model
 calls acquire/release (or `with cache.get(l, e)`); the Prefetcher calls request(). The cache
 does not know the model, the router or the thread that calls request(); it only knows slots.
 
@@ -28,6 +31,26 @@ from edge_readme.model import ExpertWeights
 from edge_readme.quant import experts as qexperts
 
 Key = tuple[int, int]
+PAGE = 4096
+MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(lo: int, hi: int) -> bool:
+    """Hand the whole pages of [lo, hi) back to the OS (they read as zeros if touched again).
+    False where madvise is not there (the memory then stays resident until the block goes)."""
+    from edge_readme.memory import _libc
+
+    start, end = -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
+    libc = _libc()
+    madvise = getattr(libc, "madvise", None) if libc is not None else None
+    if madvise is None or end <= start:
+        return False
+    import ctypes
+
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, end - start, MADV_DONTNEED) == 0
+
+
 NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load
 
 
@@ -104,6 +127,8 @@ class ExpertCache:
         self.step = 0  # the forward pass being served; the runtime advances it
         self.trace: list[tuple[int, int, int]] | None = None  # a list: record (step, layer, expert)
         self.num_slots = min(num_slots, len(manifest.entries))
+        # CPU: address space for every expert, untouched (so not resident) past num_slots
+        self._capacity = len(manifest.entries) if self.device.type == "cpu" else self.num_slots
         self._cond = threading.Condition()
         self._init_state()
         self._allocate()
@@ -128,14 +153,14 @@ class ExpertCache:
             self._sz_offset = align_up(lay.nbytes)  # kernel scales sit after the blob
             sz_bytes = lay.scale_zero_numel() * self.kernel_dtype.itemsize
             self.slot_bytes = self._sz_offset + align_up(sz_bytes)
-            self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
-            self._slots = self._block_bytes.view(self.num_slots, self.slot_bytes)
+            self._block_bytes = aligned_empty(self._capacity * self.slot_bytes)
+            self._slots = self._block_bytes.view(self._capacity, self.slot_bytes)
         else:
             self.slot_bytes = align_up(3 * m.max_rows * m.hidden_size * self.dtype.itemsize)
             slot_elems = self.slot_bytes // self.dtype.itemsize
             if self.device.type == "cpu":
-                self._block_bytes = aligned_empty(self.num_slots * self.slot_bytes)
-                self._slots = self._block_bytes.view(self.dtype).view(self.num_slots, slot_elems)
+                self._block_bytes = aligned_empty(self._capacity * self.slot_bytes)
+                self._slots = self._block_bytes.view(self.dtype).view(self._capacity, slot_elems)
             else:
                 self._block_bytes = None
                 self._slots = torch.empty(
@@ -162,8 +187,50 @@ class ExpertCache:
 
     @property
     def block(self) -> torch.Tensor:
-        """The preallocated slot block, [num_slots, slot_bytes / itemsize] in the compute dtype."""
-        return self._slots
+        """The slot block in use, [num_slots, slot_bytes / itemsize] in the compute dtype."""
+        return self._slots[:self.num_slots]
+
+    def resize(self, num_slots: int) -> int:
+        """Hold `num_slots` slots from now on (at least 1, at most one per expert); returns the
+        count. Call it between forward passes (no expert pinned). A shrink evicts by the cache's
+        policy over the future it was told (Belady: the experts used last go first), moves the
+        experts left above the line into free slots below it, and returns the freed slots' pages
+        to the OS (madvise). A grow takes slots from the reserved range. CPU only."""
+        if self.device.type != "cpu":
+            raise BudgetError(f"expert cache: resizing works on the CPU only; on "
+                              f"{self.device.type} the slot split is fixed at load")
+        n = max(1, min(int(num_slots), len(self.manifest.entries)))
+        with self._cond:
+            while self._loading:  # a prefetch is filling a slot: let it land first
+                self._cond.wait()
+            if self._pins:
+                raise BudgetError("expert cache: resize while experts are in use; call it "
+                                  "between forward passes")
+            self._frozen = None
+            while len(self._key_slot) > n:
+                victim = self._policy.victim(list(self._key_slot), self.lookahead)
+                self._free.append(self._evict(victim))
+            grow = max(0, n - self.num_slots)
+            self._slot_key += [None] * grow
+            self._weights += [None] * grow
+            below = [i for i in range(n) if self._slot_key[i] is None]
+            for old in range(n, self.num_slots):  # compact: residents above the line move down
+                key = self._slot_key[old]
+                if key is None:
+                    continue
+                new = below.pop()
+                self._slots[new].copy_(self._slots[old])
+                self._slot_key[new], self._slot_key[old] = key, None
+                self._key_slot[key] = new
+                self._weights[new], self._weights[old] = self._views(key, new), None
+            if n < self.num_slots:
+                lo = self._block_bytes.data_ptr() + n * self.slot_bytes
+                release_pages(lo, self._block_bytes.data_ptr() + self.num_slots * self.slot_bytes)
+                del self._slot_key[n:], self._weights[n:]
+            self.num_slots = n
+            self._free = [i for i in range(n - 1, -1, -1) if self._slot_key[i] is None]
+            self._cond.notify_all()
+        return n
 
     # ---- the model's side ---------------------------------------------------------------------
 
