@@ -61,7 +61,8 @@ def print_plans(models: list[str], route: dict | None, options: dict, as_json: b
 
 def serve_routed_command(models: list[str], route: str | None, route_file: str | None,
                          options: dict, limits, dry_run: bool, as_json: bool, host: str,
-                         port: int, api_key: str | None, log_level: str) -> None:
+                         port: int, api_key: str | None, log_level: str,
+                         rebalance_every: float = 1.0) -> None:
     from ..routing import read_route_file, spec_from
 
     if route_file is not None:
@@ -78,7 +79,8 @@ def serve_routed_command(models: list[str], route: str | None, route_file: str |
     from ..server.routed import Fleet, serve_routed
 
     budget, needs, shares = fleet_shares(names, options)
-    fleet = Fleet(names, budget=budget, needs=needs, shares=shares)
+    fleet = Fleet(names, budget=budget, needs=needs, shares=shares,
+                  rebalance_every=rebalance_every)
 
     def load(name: str, progress):
         from ..engine import Engine

@@ -20,6 +20,9 @@ SCHEDULES = ["fcfs", "decode-first", "prefill-first", "expert-aware"]
               "per prompt by this router (auto = linear: TF-IDF softmax regression).")
 @click.option("--route-file", type=click.Path(dir_okay=False), default=None,
               help="JSON or TOML route file: models, route, table, readme_model, seed.")
+@click.option("--rebalance-every", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="With several models under one --memory-budget: seconds between moves of "
+                   "expert slots to the models with traffic (0: keep the split fixed).")
 @click.option("--dry-run", is_flag=True, help="Print the memory plan (per model) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print it as JSON.")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -51,7 +54,7 @@ def serve_command(model: tuple[str, ...], host: str, port: int, api_key: str | N
                   max_batch: int, schedule: str, max_queue: int | None, exact: bool,
                   log_level: str, request_timeout: float | None = None, route: str | None = None,
                   route_file: str | None = None, dry_run: bool = False, as_json: bool = False,
-                  **kw: Any) -> None:
+                  rebalance_every: float = 1.0, **kw: Any) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health.
 
     The server listens at once and loads the model in the background; GET /health shows
@@ -73,7 +76,8 @@ def serve_command(model: tuple[str, ...], host: str, port: int, api_key: str | N
         from .route import serve_routed_command
 
         return serve_routed_command(list(model), route, route_file, options, limits, dry_run,
-                                    as_json, host, port, api_key, log_level)
+                                    as_json, host, port, api_key, log_level,
+                                    rebalance_every=rebalance_every)
     model = model[0]
     if dry_run:
         from .route import print_plans

@@ -4,7 +4,8 @@ Every model first gets its minimum (`plan_for`'s dense weights + KV cache + scra
 slot: the `minimum_bytes` of its MemoryPlan); a budget below the sum is refused with that sum.
 The rest buys expert slots, shared by weight: by default each model's expert bytes (so each holds
 the same fraction of its experts), or, to follow traffic, each model's queued requests times its
-expert bytes, so an idle model keeps one slot and gives the others its share (`by_queue`).
+expert bytes, so an idle model keeps one slot and gives the others its share (`by_queue`);
+`Rebalancer` applies that split to the running engines as traffic shifts.
 Slots past a model's expert count go back to the pool (water-filling). Each model's engine is
 then built with its share as its own `memory_budget`, so the plan math stays in `plan_for` /
 `plan_memory`; this module only divides bytes.
@@ -93,3 +94,79 @@ def slots(shares: Mapping[str, int], needs: Sequence[ModelNeeds]) -> dict[str, i
     """Expert slots each share buys (the same count `plan_memory` gives at that budget)."""
     return {n.name: 1 + (shares[n.name] - n.minimum_bytes) // n.slot_bytes if n.slot_bytes
             else 0 for n in needs}
+
+
+class Rebalancer:
+    """Moves expert slots between running models as their traffic shifts, under one budget.
+
+    Every `every_s` seconds it reads how many requests each model has queued or running, and
+    applies `by_queue`'s split when it would change some model's slot count. A model counts as
+    busy until it has had nothing in flight for `idle_s` seconds, so a user who sends one
+    request after another does not lose the model's experts between them. Shrinks are applied
+    before grows, and each shrink has handed its memory back before the next model grows
+    (`Engine.set_memory_budget`), so the shares never add up past the budget. Which experts a
+    shrinking model drops is its cache's policy over the future it knows (Belady over its queue).
+    `apply(name, bytes)` makes the change; a failure is kept in `last_error` and the old share
+    stays in force for that model."""
+
+    def __init__(self, budget: int, needs: Sequence[ModelNeeds], shares: dict[str, int],
+                 inflight: Callable[[], Mapping[str, int]],
+                 apply: Callable[[str, int], None], every_s: float = 1.0, idle_s: float = 5.0,
+                 clock: Callable[[], float] | None = None):
+        import time
+
+        self.budget, self.needs, self.shares = budget, list(needs), shares
+        self.inflight, self.apply = inflight, apply
+        self.every_s, self.idle_s = every_s, idle_s
+        self.clock = clock or time.monotonic
+        self.last_busy: dict[str, float] = {}
+        self.moves = 0
+        self.last_error: BaseException | None = None
+        self._stop = None
+        self._thread = None
+
+    def wanted(self) -> dict[str, int]:
+        now, live = self.clock(), self.inflight()
+        queued = {}
+        for n in self.needs:
+            if live.get(n.name, 0) > 0:
+                self.last_busy[n.name] = now
+            recent = now - self.last_busy.get(n.name, -1e18) < self.idle_s
+            queued[n.name] = max(live.get(n.name, 0), int(recent))
+        return by_queue(self.budget, self.needs, queued)
+
+    def tick(self) -> bool:
+        """Apply the split traffic asks for now; True if slots moved."""
+        target = self.wanted()
+        now, want = slots(self.shares, self.needs), slots(target, self.needs)
+        movable = [n.name for n in self.needs if n.slot_bytes and want[n.name] != now[n.name]]
+        if not movable:
+            return False
+        movable.sort(key=lambda m: target[m] > self.shares[m])  # shrinks first
+        for name in movable:
+            try:
+                self.apply(name, target[name])
+            except Exception as e:  # the model keeps its share; a grow after it would overrun
+                self.last_error = e
+                return False
+            self.shares[name] = target[name]
+        self.moves += 1
+        return True
+
+    def start(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.every_s):
+                self.tick()
+
+        self._thread = threading.Thread(target=loop, name="edge-readme-rebalance", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._stop = None

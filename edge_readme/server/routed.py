@@ -45,6 +45,8 @@ class Fleet:
     budget: int | None = None
     needs: list[fleet.ModelNeeds] = field(default_factory=list)
     shares: dict[str, int] = field(default_factory=dict)
+    rebalance_every: float = 0.0  # seconds between traffic checks; 0: the split stays fixed
+    rebalancer: fleet.Rebalancer | None = None
 
     def __post_init__(self) -> None:
         for n in self.names:
@@ -54,7 +56,20 @@ class Fleet:
     def of(cls, engines: dict[str, Engine], router: PromptRouter | None) -> "Fleet":
         return cls(list(engines), {n: EngineHolder(e) for n, e in engines.items()}, router)
 
+    def start_rebalancing(self) -> None:
+        """Once every engine is loaded: move expert slots to the models with traffic."""
+        if self.budget is None or not self.needs or self.rebalance_every <= 0:
+            return
+        self.rebalancer = fleet.Rebalancer(
+            self.budget, self.needs, self.shares,
+            inflight=lambda: {n: h.inflight for n, h in self.holders.items()},
+            apply=lambda n, b: self.holders[n].engine.set_memory_budget(b),
+            every_s=self.rebalance_every)
+        self.rebalancer.start()
+
     def close(self) -> None:
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         for h in self.holders.values():
             if h.engine is not None:
                 h.engine.close()
@@ -64,8 +79,12 @@ class Fleet:
             return None
         queued = {n: h.inflight for n, h in self.holders.items()}
         follow = fleet.by_queue(self.budget, self.needs, queued)
+        r = self.rebalancer
         return {"budget_bytes": self.budget, "shares_bytes": dict(self.shares),
                 "expert_slots": fleet.slots(self.shares, self.needs),
+                "rebalance": None if r is None else {
+                    "every_s": r.every_s, "idle_s": r.idle_s, "moves": r.moves,
+                    "last_error": None if r.last_error is None else str(r.last_error)},
                 "by_queue": {"queued": queued, "shares_bytes": follow,
                              "expert_slots": fleet.slots(follow, self.needs)}}
 
@@ -186,6 +205,8 @@ def load_fleet(models: Fleet, load: Callable[[str, Callable[[str, float], None]]
         except BaseException as e:
             models.router_error = e
             on_failure()
+            return
+        models.start_rebalancing()
 
     t = threading.Thread(target=run, name="edge-readme-load", daemon=True)
     t.start()
