@@ -95,6 +95,7 @@ class MemoryPlan:
     slots: int
     minimum_bytes: int
     all_resident_bytes: int
+    packed: bool = False  # all experts resident, each in a slot of its own size
 
     @property
     def all_resident(self) -> bool:
@@ -115,11 +116,18 @@ def plan_memory(
     scratch_bytes: int,
     budget_bytes: int,
     min_slots: int = 1,
+    packed_bytes: int | None = None,
 ) -> MemoryPlan:
-    """Fit as many expert slots as the budget allows: at least min_slots, at most one per key."""
+    """Fit as many expert slots as the budget allows: at least min_slots, at most one per key.
+
+    packed_bytes: every expert in a slot of its own size (experts differ in size; a cache slot
+    fits the largest). A budget that holds that packing holds every expert (`packed`)."""
     fixed = dense_bytes + kv_cache_bytes + scratch_bytes
     minimum = fixed + min_slots * expert_slot_bytes
     all_resident = fixed + num_expert_keys * expert_slot_bytes
+    if packed_bytes is not None and num_expert_keys:
+        all_resident = min(all_resident, fixed + packed_bytes)
+        minimum = min(minimum, all_resident)
     if budget_bytes < minimum:
         raise BudgetTooSmallError(
             f"memory budget {budget_bytes / MIB:.1f} MiB is below the minimum "
@@ -132,9 +140,11 @@ def plan_memory(
             minimum_bytes=minimum,
             budget_bytes=budget_bytes,
         )
-    slots = 0
+    slots, packed = 0, False
     if expert_slot_bytes:
         slots = min(num_expert_keys, (budget_bytes - fixed) // expert_slot_bytes)
+        if packed_bytes is not None and budget_bytes >= fixed + packed_bytes:
+            slots, packed = num_expert_keys, True
     return MemoryPlan(
         budget_bytes=budget_bytes,
         dense_bytes=dense_bytes,
@@ -144,4 +154,5 @@ def plan_memory(
         slots=slots,
         minimum_bytes=minimum,
         all_resident_bytes=all_resident,
+        packed=packed,
     )

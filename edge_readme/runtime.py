@@ -19,12 +19,12 @@ import torch
 
 from . import quant
 from .budget import MemoryPlan, auto_budget, parse_budget, plan_memory
+from .cache.expert_cache import packed_nbytes, slot_nbytes
 from .config import ModelConfig
 from .errors import BudgetError, EdgeReadmeError
 from .experts_format import align_up, read_manifest
 from .loader import LoadedModel, row_file, shape_of
 from .model import KVCache, Segment, build_transformer, spec_shape, weight_specs
-from .quant import experts as qexperts
 from .quant.lowbit import parse_miss_precision
 from .rowfile import RowFile
 from .threads import Anchor
@@ -116,11 +116,9 @@ def pick_format(o: RuntimeOptions, device: torch.device) -> tuple[str, torch.dty
 def expert_slot(manifest, fmt: str, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
     """('q4' | 'float', bytes per slot): q4 experts stay 4-bit in CPU slots for the quantized
     formats; otherwise slots hold floats in the compute dtype (q4 files are dequantized on fill)."""
-    if manifest.expert_format == "q4" and fmt in ("q4", "q8") and device.type == "cpu":
-        lay = qexperts.Layout(manifest.max_rows, manifest.hidden_size)
-        sz_bytes = lay.scale_zero_numel() * quant.act_dtype(fmt, device).itemsize
-        return "q4", align_up(lay.nbytes) + align_up(sz_bytes)
-    return "float", align_up(3 * manifest.max_rows * manifest.hidden_size * dtype.itemsize)
+    form = "q4" if manifest.expert_format == "q4" and fmt in ("q4", "q8") \
+        and device.type == "cpu" else "float"
+    return form, slot_nbytes(manifest, form, dtype, quant.act_dtype(fmt, device))
 
 
 def context_limit(c: ModelConfig, asked: int) -> int:
@@ -199,10 +197,16 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
         if budget is None:
             budget = auto_budget(device)
     if budget is None:  # no cap: everything resident
-        budget = dense_bytes + kv_bytes + scratch + keys * slot_bytes
+        budget = dense_bytes + kv_bytes + scratch + (
+            packed_nbytes(manifest, form, dtype, quant.act_dtype(fmt, device))
+            if manifest is not None and device.type == "cpu" else keys * slot_bytes)
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
-    return plan_memory(dense_bytes, slot_bytes, keys, kv_bytes, scratch, budget, min_slots=1)
+    packed = None  # on the CPU a budget that holds every expert packs them by their sizes
+    if manifest is not None and device.type == "cpu":
+        packed = packed_nbytes(manifest, form, dtype, quant.act_dtype(fmt, device))
+    return plan_memory(dense_bytes, slot_bytes, keys, kv_bytes, scratch, budget, min_slots=1,
+                       packed_bytes=packed)
 
 
 def dry_run_plan(model: str, engine_kwargs: dict) -> dict:
@@ -302,7 +306,8 @@ class Runtime:
             ExpertCache(store, m, self.plan.slots, device=self.device, dtype=self.dtype,
                         policy=o.policy,
                         form=expert_slot(m, self.weights, self.device, self.dtype)[0],
-                        kernel_dtype=quant.act_dtype(self.weights, self.device)))
+                        kernel_dtype=quant.act_dtype(self.weights, self.device),
+                        packed=self.plan.packed))
         self.model.attach_experts(self.cache)
         self.prefetcher = self._stack.enter_context(
             Prefetcher(self.cache, enabled=o.prefetch))
@@ -529,9 +534,12 @@ class Runtime:
         if self.cache is None:
             raise EdgeReadmeError("memory budget: a dense model has no expert slots to resize")
         p = self.plan
+        fixed = p.dense_bytes + p.kv_cache_bytes + p.scratch_bytes
         plan = plan_memory(p.dense_bytes, p.slot_bytes, len(self.manifest.entries),
-                           p.kv_cache_bytes, p.scratch_bytes, budget, min_slots=1)
-        plan = dataclasses.replace(plan, slots=self.cache.resize(plan.slots))
+                           p.kv_cache_bytes, p.scratch_bytes, budget, min_slots=1,
+                           packed_bytes=p.all_resident_bytes - fixed
+                           if self.device.type == "cpu" else None)
+        plan = dataclasses.replace(plan, slots=self.cache.resize(plan.slots, plan.packed))
         self.plan = plan
         if plan.slots < len(self.manifest.entries):
             self.all_resident = False  # loads, evictions, prefetch and speculation again

@@ -157,3 +157,51 @@ def test_dense_model_has_no_slots_to_move(tmp_path):
                      context_length=64) as e:
         with pytest.raises(EdgeReadmeError, match="dense model"):
             e.set_memory_budget(1 << 30)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])
+def test_packed_cache_holds_each_expert_in_its_own_size(tmp_path, file_dtype):
+    from edge_readme.cache.expert_cache import packed_nbytes, slot_nbytes
+
+    _, experts = write_fixture(tmp_path, file_dtype, layers=3, experts=4, rows=(8, 40))
+    manifest = read_manifest(tmp_path)
+    store = ExpertStore(manifest)
+    keys = manifest.keys()
+    cache = ExpertCache(store, manifest, len(keys), "cpu", torch.float32, "belady", packed=True)
+    total = packed_nbytes(manifest, "float", torch.float32, torch.float32)
+    assert cache.block.nbytes == total < len(keys) * slot_nbytes(manifest, "float",
+                                                                  torch.float32, torch.float32)
+    order = keys[::-1] + keys
+    for key in order:
+        with cache.get(*key) as w:
+            _check(w, experts[key], torch.float32)
+            assert _in_block(cache, w.gate_up) and _in_block(cache, w.down)
+    assert cache.stats.evictions == 0 and sorted(cache.resident()) == sorted(keys)
+    assert cache.resize(2) == 2 and cache._packed is None  # back to uniform slots, empty
+    for key in order:
+        with cache.get(*key) as w:
+            _check(w, experts[key], torch.float32)
+    assert cache.resize(len(keys), packed=True) == len(keys) and cache._packed is not None
+    for key in order:
+        with cache.get(*key) as w:
+            _check(w, experts[key], torch.float32)
+    with pytest.raises(ValueError, match="packed"):
+        ExpertCache(store, manifest, 2, "cpu", torch.float32, "lru", packed=True)
+    store.close()
+
+
+def test_all_resident_plan_packs_the_experts(tmp_path):
+    folder = write_moe(tmp_path / "moe", num_experts=4)
+    plan = dry_run_plan(str(folder), {"context_length": 128})
+    fixed = plan["dense_bytes"] + plan["kv_cache_bytes"] + plan["scratch_bytes"]
+    assert plan["packed"] and plan["slots"] == plan["expert_keys"]
+    assert plan["all_resident_bytes"] - fixed <= plan["expert_keys"] * plan["slot_bytes"]
+    with Engine.load(str(folder), device="cpu", context_length=128,
+                     memory_budget=plan["all_resident_bytes"]) as e:
+        assert e.runtime.plan.packed and e.runtime.all_resident
+        assert e.runtime.resident_bytes() <= plan["all_resident_bytes"]
+        ref = greedy(e)
+    below = plan["all_resident_bytes"] - 1
+    with Engine.load(str(folder), device="cpu", context_length=128, memory_budget=below) as e:
+        assert not e.runtime.plan.packed and e.runtime.plan.slots < plan["expert_keys"]
+        assert greedy(e) == ref

@@ -54,6 +54,24 @@ def release_pages(lo: int, hi: int) -> bool:
 NUM_STAGING = 2  # one for the prefetch thread, one for an on-demand load
 
 
+def slot_nbytes(manifest: ExpertManifest, form: str, dtype: torch.dtype,
+                kernel_dtype: torch.dtype, rows: int | None = None) -> int:
+    """Bytes of a slot holding an expert of `rows` rows (None: the largest expert, the size
+    of every slot of a cache that evicts). q4: int4 blob, then the kernel's scales and zeros."""
+    rows = manifest.max_rows if rows is None else rows
+    if form == "q4":
+        lay = qexperts.Layout(rows, manifest.hidden_size)
+        return align_up(lay.nbytes) + align_up(lay.scale_zero_numel() * kernel_dtype.itemsize)
+    return align_up(3 * rows * manifest.hidden_size * dtype.itemsize)
+
+
+def packed_nbytes(manifest: ExpertManifest, form: str, dtype: torch.dtype,
+                  kernel_dtype: torch.dtype) -> int:
+    """Bytes of every expert resident, each in a slot of its own size (a packed cache)."""
+    return sum(slot_nbytes(manifest, form, dtype, kernel_dtype, manifest.entry(*k).rows)
+               for k in manifest.keys())
+
+
 @dataclasses.dataclass
 class CacheStats:
     """Counters since the last reset_stats(). An acquire that finds its expert resident, or in
@@ -108,6 +126,7 @@ class ExpertCache:
         policy: str = "lru",
         form: str = "float",
         kernel_dtype: torch.dtype = torch.float32,
+        packed: bool = False,
     ):
         if num_slots < 1:
             raise BudgetError(
@@ -127,11 +146,14 @@ class ExpertCache:
         self.step = 0  # the forward pass being served; the runtime advances it
         self.trace: list[tuple[int, int, int]] | None = None  # a list: record (step, layer, expert)
         self.num_slots = min(num_slots, len(manifest.entries))
+        if packed and (self.device.type != "cpu" or self.num_slots < len(manifest.entries)):
+            raise ValueError("a packed cache holds every expert, on the CPU")
         # CPU: address space for every expert, untouched (so not resident) past num_slots
         self._capacity = len(manifest.entries) if self.device.type == "cpu" else self.num_slots
         self._cond = threading.Condition()
         self._init_state()
         self._allocate()
+        self._set_layout(packed)
 
     def _init_state(self) -> None:
         self._slot_key: list[Key | None] = [None] * self.num_slots
@@ -177,6 +199,42 @@ class ExpertCache:
         self._ready_events = [torch.cuda.Event() for _ in events]
         self._free_events = [torch.cuda.Event() for _ in events]
 
+    def _set_layout(self, packed: bool) -> None:
+        """Uniform: slot i at i x slot_bytes. Packed (every expert resident, CPU): each expert
+        has its own slot of its own size, one after another, in manifest order."""
+        self._packed: list[tuple[int, int, int]] | None = None  # (offset, bytes, scales at)
+        self._home: dict[Key, int] | None = None
+        self.packed_bytes = 0
+        if not packed:
+            return
+        m, off = self.manifest, 0
+        self._packed, self._home = [], {}
+        for i, key in enumerate(m.keys()):
+            rows = m.entry(*key).rows
+            size = slot_nbytes(m, self.form, self.dtype, self.kernel_dtype, rows)
+            sz_at = align_up(qexperts.Layout(rows, m.hidden_size).nbytes) \
+                if self.form == "q4" else 0
+            self._packed.append((off, size, sz_at))
+            self._home[key] = i
+            off += size
+        self.packed_bytes = off
+
+    def _slot(self, slot: int) -> torch.Tensor:
+        """The slot's memory, 1-D: bytes for q4, else elements of the compute dtype."""
+        if self._packed is None:
+            return self._slots[slot]
+        off, size, _ = self._packed[slot]
+        raw = self._block_bytes[off:off + size]
+        return raw if self.form == "q4" else raw.view(self.dtype)
+
+    def _slot_raw(self, slot: int) -> torch.Tensor:
+        """The slot's bytes (CPU)."""
+        if self._packed is None:
+            lo = slot * self.slot_bytes
+            return self._block_bytes[lo:lo + self.slot_bytes]
+        off, size, _ = self._packed[slot]
+        return self._block_bytes[off:off + size]
+
     def _new_staging(self, cuda: bool) -> _Staging:
         m = self.manifest
         host = aligned_empty(ExpertStore.buffer_bytes(m), pin_memory=cuda)
@@ -187,19 +245,25 @@ class ExpertCache:
 
     @property
     def block(self) -> torch.Tensor:
-        """The slot block in use, [num_slots, slot_bytes / itemsize] in the compute dtype."""
+        """The slot block in use, [num_slots, slot_bytes / itemsize] in the compute dtype
+        (packed: the bytes of every expert's own slot, one after another)."""
+        if self._packed is not None:
+            return self._block_bytes[:self.packed_bytes]
         return self._slots[:self.num_slots]
 
-    def resize(self, num_slots: int) -> int:
+    def resize(self, num_slots: int, packed: bool = False) -> int:
         """Hold `num_slots` slots from now on (at least 1, at most one per expert); returns the
         count. Call it between forward passes (no expert pinned). A shrink evicts by the cache's
         policy over the future it was told (Belady: the experts used last go first), moves the
         experts left above the line into free slots below it, and returns the freed slots' pages
-        to the OS (madvise). A grow takes slots from the reserved range. CPU only."""
+        to the OS (madvise). A grow takes slots from the reserved range. packed (with a slot
+        per expert): each expert in a slot of its own size; a change of layout evicts every
+        expert and returns all their pages first, and the experts load again on use. CPU only."""
         if self.device.type != "cpu":
             raise BudgetError(f"expert cache: resizing works on the CPU only; on "
                               f"{self.device.type} the slot split is fixed at load")
         n = max(1, min(int(num_slots), len(self.manifest.entries)))
+        packed = packed and n == len(self.manifest.entries)
         with self._cond:
             while self._loading:  # a prefetch is filling a slot: let it land first
                 self._cond.wait()
@@ -207,6 +271,20 @@ class ExpertCache:
                 raise BudgetError("expert cache: resize while experts are in use; call it "
                                   "between forward passes")
             self._frozen = None
+            if packed != (self._packed is not None):  # a new layout: start it empty
+                for key in list(self._key_slot):
+                    self._evict(key)
+                used = self.packed_bytes if self._packed is not None \
+                    else self.num_slots * self.slot_bytes
+                base = self._block_bytes.data_ptr()
+                release_pages(base, base + used)
+                self._set_layout(packed)
+                self.num_slots = n
+                self._slot_key = [None] * n
+                self._weights = [None] * n
+                self._free = list(range(n - 1, -1, -1))
+                self._cond.notify_all()
+                return n
             while len(self._key_slot) > n:
                 victim = self._policy.victim(list(self._key_slot), self.lookahead)
                 self._free.append(self._evict(victim))
@@ -219,7 +297,7 @@ class ExpertCache:
                 if key is None:
                     continue
                 new = below.pop()
-                self._slots[new].copy_(self._slots[old])
+                self._slot(new).copy_(self._slot(old))
                 self._slot_key[new], self._slot_key[old] = key, None
                 self._key_slot[key] = new
                 self._weights[new], self._weights[old] = self._views(key, new), None
@@ -403,7 +481,10 @@ class ExpertCache:
 
     def _claim(self, key: Key, prefetch: bool) -> int | None:
         """A slot for key (evicting if needed), marked loading; None if a prefetch may not evict."""
-        if self._free:
+        if self._home is not None:  # packed: every expert has its own slot
+            slot = self._home[key]
+            self._free.remove(slot)
+        elif self._free:
             slot = self._free.pop()
         else:
             victim = self._pick_victim(key, prefetch)
@@ -487,18 +568,19 @@ class ExpertCache:
         rows, hidden = self.manifest.entry(*key).rows, self.manifest.hidden_size
         if self.form == "q4":
             lay = qexperts.Layout(rows, hidden)
-            views = lay.views(self._slots[slot, : lay.nbytes])
-            sz = self._slots[slot, self._sz_offset:].view(self.kernel_dtype)
+            mem = self._slot(slot)
+            views = lay.views(mem[: lay.nbytes])
+            sz_at = self._sz_offset if self._packed is None else self._packed[slot][2]
+            sz = mem[sz_at:].view(self.kernel_dtype)
             gate_up, down = qexperts.weights(views, qexperts.scale_zero_into(views, sz))
             return ExpertWeights(gate_up=gate_up, down=down)
-        w = self._slots[slot, : 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]
+        w = self._slot(slot)[: 3 * rows * hidden].view(3, rows, hidden)  # [3, rows, D]
         return ExpertWeights(gate_up=w[:2].view(2 * rows, hidden), down=w[2].t())
 
     def _fill(self, key: Key, slot: int) -> int:
         """Read the expert's bytes into the slot; return bytes read from the file."""
         if self._direct:
-            lo = slot * self.slot_bytes
-            return self.store.read_into(*key, self._block_bytes[lo:lo + self.slot_bytes])
+            return self.store.read_into(*key, self._slot_raw(slot))
         staging = self._staging.get()
         try:
             if staging.event is not None:
@@ -529,12 +611,12 @@ class ExpertCache:
         if m.expert_format == "q4":
             rows = qexperts.Layout.rows_of(nbytes, m.hidden_size)
             gate_up, down = qexperts.dequantize(qexperts.Layout(rows, m.hidden_size).views(src))
-            dst = self._slots[slot, : 3 * rows * m.hidden_size].view(3, rows, m.hidden_size)
+            dst = self._slot(slot)[: 3 * rows * m.hidden_size].view(3, rows, m.hidden_size)
             dst[:2].view(2 * rows, m.hidden_size).copy_(gate_up)
             dst[2].copy_(down.t())
             return
         src = src.view(m.dtype)  # [3 * rows * D], file dtype
-        self._slots[slot, : src.numel()].copy_(src, non_blocking=non_blocking)
+        self._slot(slot)[: src.numel()].copy_(src, non_blocking=non_blocking)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
