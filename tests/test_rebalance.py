@@ -132,3 +132,12 @@ def test_a_fixed_split_starts_no_rebalancer(tmp_path):
     f.start_rebalancing()
     assert f.rebalancer is None
     f.close()
+
+
+def test_split_knows_every_expert_fits_packed_in_less():
+    c = fleet.ModelNeeds("c", 100, 10, 8, all_resident_bytes=145)  # 8 experts packed in 45
+    assert c.room() == 5
+    shares = fleet.split(10_000, [c, B])
+    assert shares["c"] == 145  # not 100 + 7 x 10: the rest stays with the pool
+    assert fleet.slots(shares, [c, B])["c"] == 8
+    assert fleet.slots({"c": 144, "b": 200}, [c, B])["c"] == 5  # short of packed: uniform

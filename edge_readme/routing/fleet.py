@@ -28,11 +28,30 @@ class ModelNeeds:
     minimum_bytes: int  # dense + KV + scratch + one expert slot
     slot_bytes: int  # one expert slot (0 for a dense model)
     keys: int  # expert slots that would hold every expert
+    all_resident_bytes: int = 0  # every expert resident (packed by size on the CPU); 0: unknown
 
     @classmethod
     def from_plan(cls, name: str, plan: Mapping) -> "ModelNeeds":
         return cls(name, int(plan["minimum_bytes"]), int(plan["slot_bytes"]),
-                   int(plan.get("expert_keys", 0)))
+                   int(plan.get("expert_keys", 0)), int(plan.get("all_resident_bytes", 0)))
+
+    def room(self) -> int:
+        """Slots past the first that it can use: up to one per expert, or fewer where every
+        expert fits packed in less."""
+        if not self.slot_bytes:
+            return 0
+        room = max(0, self.keys - 1)
+        if self.all_resident_bytes:
+            room = min(room, -(-(self.all_resident_bytes - self.minimum_bytes)
+                               // self.slot_bytes))
+        return room
+
+    def share(self, extra: int) -> int:
+        """Bytes for its minimum plus `extra` slots (all resident: no more than that needs)."""
+        nbytes = self.minimum_bytes + extra * self.slot_bytes
+        if self.all_resident_bytes and extra >= self.room():
+            nbytes = min(nbytes, max(self.all_resident_bytes, self.minimum_bytes))
+        return nbytes
 
 
 def measure(models: Sequence[str], engine_kwargs: dict,
@@ -58,7 +77,7 @@ def split(budget: int, needs: Sequence[ModelNeeds],
     if weights is None or not any(weights.get(n.name, 0) > 0 for n in needs):
         weights = {n.name: n.keys * n.slot_bytes for n in needs}
     extra = {n.name: 0 for n in needs}  # slots beyond the first
-    room = {n.name: max(0, n.keys - 1) if n.slot_bytes else 0 for n in needs}
+    room = {n.name: n.room() for n in needs}
     free = budget - minimum
     while True:  # water-filling: a model that is full hands its share to the others
         open_ = [n for n in needs if extra[n.name] < room[n.name] and weights.get(n.name, 0) > 0]
@@ -79,7 +98,7 @@ def split(budget: int, needs: Sequence[ModelNeeds],
                 and weights.get(n.name, 0) > 0:
             extra[n.name] += 1
             free -= n.slot_bytes
-    return {n.name: n.minimum_bytes + extra[n.name] * n.slot_bytes for n in needs}
+    return {n.name: n.share(extra[n.name]) for n in needs}
 
 
 def by_queue(budget: int, needs: Sequence[ModelNeeds],
@@ -92,8 +111,16 @@ def by_queue(budget: int, needs: Sequence[ModelNeeds],
 
 def slots(shares: Mapping[str, int], needs: Sequence[ModelNeeds]) -> dict[str, int]:
     """Expert slots each share buys (the same count `plan_memory` gives at that budget)."""
-    return {n.name: 1 + (shares[n.name] - n.minimum_bytes) // n.slot_bytes if n.slot_bytes
-            else 0 for n in needs}
+    out = {}
+    for n in needs:
+        share = shares[n.name]
+        if not n.slot_bytes:
+            out[n.name] = 0
+        elif n.all_resident_bytes and share >= n.all_resident_bytes:
+            out[n.name] = n.keys  # packed: every expert
+        else:
+            out[n.name] = min(n.keys, 1 + (share - n.minimum_bytes) // n.slot_bytes)
+    return out
 
 
 class Rebalancer:
