@@ -7,11 +7,12 @@ memory cgroup that this script creates as a child of its own (cgroup v1: /sys/fs
 everything the worker keeps in RAM, the page cache of mmap'd or read files included, so llama.cpp
 pages its weights in and out of the same budget edge-readme plans for (`llamacpp-mmap` turns
 llama.cpp's weight repacking off, which would copy Q4_K weights into anonymous memory and defeat
-mmap; `llamacpp-repack` is llama.cpp's default, for comparison). edge-readme gets the budget
-minus what its worker holds outside the memory plan: Python, torch and the model's tokenizer,
-measured by a probe worker, plus a margin. Where that plus the plan's minimum exceeds the budget,
-the configuration is reported as "does not fit" with the minimum, without being started.
-Before each configuration the model files are dropped from the page cache
+mmap; `llamacpp-repack` is llama.cpp's default, for comparison; `llamacpp-small` runs the dense
+GGUF requantized by llama.cpp to `--small-quant`, the smaller file a user would pick instead).
+edge-readme gets the budget minus what its worker holds outside the memory plan: Python, torch
+and the model's tokenizer, measured by a probe worker, plus a margin. Where that plus the plan's
+minimum exceeds the budget, the configuration is reported as "does not fit" with the minimum,
+without being started. Before each configuration the model files are dropped from the page cache
 (posix_fadvise DONTNEED: a cold start). If no cgroup can be made, the run says so and uses a proxy:
 the GGUF is fadvise-dropped before every llama.cpp token. That proxy is weaker than real memory
 pressure: pages llama.cpp has mapped cannot be dropped, so it reads less than a cgroup forces.
@@ -273,6 +274,30 @@ def worker_llamacpp(cfg: dict) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def small_gguf(dense: Path, qtype: str) -> Path:
+    """The dense GGUF requantized by llama.cpp (its own quantizer, through llama-cpp-python),
+    next to it: `<stem>.<qtype>.gguf`, written to a temporary name and renamed when complete."""
+    import llama_cpp
+
+    out = dense.with_name(f"{dense.stem}.{qtype}.gguf")
+    if out.exists():
+        return out
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        raise SystemExit(f"--small-quant: llama.cpp has no type {qtype!r} (try Q3_K_S, Q2_K)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True  # the input is already Q4_K_M
+    params.nthread = os.cpu_count() or 1
+    tmp = out.with_suffix(".gguf.tmp")
+    rc = llama_cpp.llama_model_quantize(str(dense).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"llama.cpp could not requantize {dense} to {qtype} (code {rc})")
+    tmp.replace(out)
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -305,6 +330,9 @@ def main() -> int:
     ap.add_argument("--moe", default="qwen2.5-coder-1.5b-readme")
     ap.add_argument("--budgets", default="25,50,75,100", help="percent of the dense GGUF's bytes")
     ap.add_argument("--systems", default="ours-moe,ours-dense,llamacpp-mmap")
+    ap.add_argument("--small-quant", default="Q3_K_S",
+                    help="llamacpp-small: the dense GGUF requantized by llama.cpp to this type "
+                         "(the smaller file a user would pick instead; made once, cached)")
     ap.add_argument("--threads", type=int, default=2, help="the same for every system")
     ap.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
     ap.add_argument("--heldout-tokens", type=int, default=HELDOUT_TOKENS)
@@ -324,7 +352,13 @@ def main() -> int:
     dense = resolve(a.dense)
     gguf_bytes = dense.stat().st_size
     paths = {"ours-moe": ("moe", a.moe), "ours-dense": ("dense", a.dense),
-             "llamacpp-mmap": ("llamacpp", a.dense), "llamacpp-repack": ("llamacpp", a.dense)}
+             "llamacpp-mmap": ("llamacpp", a.dense), "llamacpp-repack": ("llamacpp", a.dense),
+             "llamacpp-small": ("llamacpp", None)}
+    small = None
+    if "llamacpp-small" in a.systems.split(","):
+        small = small_gguf(dense, a.small_quant)
+        print(f"llamacpp-small: {small.name}, {small.stat().st_size / 2**20:.0f} MiB "
+              f"({small.stat().st_size / gguf_bytes:.0%} of the dense GGUF)", file=sys.stderr)
     no_cgroup = cgroup_available()
     if no_cgroup:
         print(f"{no_cgroup}: llama.cpp runs under the fadvise proxy (see the module docstring)",
@@ -343,7 +377,7 @@ def main() -> int:
         limit = gguf_bytes * pct // 100
         for system in a.systems.split(","):
             kind, name = paths[system]
-            cfg = {"kind": kind, "path": str(resolve(name)),
+            cfg = {"kind": kind, "path": str(small if name is None else resolve(name)),
                    "repack": system == "llamacpp-repack", **common,
                    "process_bytes": needs.get(system, {}).get("process_bytes", 0)}
             t = time.time()
@@ -359,6 +393,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {"dense_gguf": str(dense), "dense_gguf_bytes": gguf_bytes,
+              "small_gguf": None if small is None else {
+                  "path": str(small), "type": a.small_quant, "bytes": small.stat().st_size},
               "moe": str(resolve(a.moe)), "threads": a.threads,
               "decode_tokens": a.decode_tokens, "heldout_tokens": a.heldout_tokens,
               "context_length": CONTEXT,
