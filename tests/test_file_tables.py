@@ -162,3 +162,24 @@ def test_qwen_same_tokens_with_tables_in_file(name):
     assert got == mem
     c = load_model(path).config
     assert mem_bytes - file_bytes >= c.vocab_size * c.hidden_size  # >= 130 MiB of int8 rows
+
+
+def test_cli_flag_moves_the_tables_in_and_out_of_the_plan(tmp_path, untied):
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_readme.cli.main import cli
+
+    c, t = untied
+    path = write_gguf(tmp_path / "m.gguf", c, t, "Q8_0")
+
+    def dense(*flags) -> int:
+        r = CliRunner().invoke(cli, ["generate", "-m", str(path), "--dry-run", "--json",
+                                     "--context-length", "64", *flags, "hi"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["dense_bytes"]
+
+    assert dense() == dense("--embeddings", "file") < dense("--embeddings", "memory")
+    r = CliRunner().invoke(cli, ["generate", "-m", str(path), "--embeddings", "disk", "hi"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
