@@ -1,11 +1,11 @@
 """Event-loop stall tracing for the servers, off unless EDGE_README_LOOP_TRACE is set.
 
-With `EDGE_README_LOOP_TRACE=SECONDS` (e.g. 0.05) every event-loop callback that runs longer
-than SECONDS is reported on stderr with what it was running, and a monitor task reports each
-time the loop woke later than SECONDS past its deadline (the loop was busy, or its thread waited
-for the GIL). It answers "which part holds the event loop" under a burst; it costs one
-`perf_counter` pair per callback, so it is for measurement runs, not for production. Garbage collections longer than SECONDS are
-reported too (a full collection runs in whichever thread allocates, event loop included).
+With `EDGE_README_LOOP_TRACE=SECONDS` (e.g. 0.05) these are reported on stderr when they take
+longer than SECONDS: one event-loop callback (with what it ran), one loop turn (with how many
+callbacks it ran and their total time), a garbage collection (with its thread: a full
+collection runs in whichever thread allocates, event loop included), and the loop waking late
+(busy, or its thread waiting for the GIL). It answers "which part holds the event loop" under a
+burst; it costs a `perf_counter` pair per callback, so it is for measurement runs.
 """
 
 from __future__ import annotations
