@@ -56,6 +56,7 @@ class EngineHolder:
         self.served = {"requests": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.inflight = 0  # requests queued or running on the engine now
         self._lock = threading.Lock()
+        self._admit: tuple[Any, asyncio.Lock] | None = None
 
     def start_loading(self, load: Callable[[Callable[[str, float], None]], Engine],
                       on_failure: Callable[[], None] = lambda: None,
@@ -88,6 +89,15 @@ class EngineHolder:
         raise APIError(503, f"the model is loading ({self.stage} {self.fraction:.0%}); "
                             "retry when GET /health says ready", code="model_loading",
                        type="server_error")
+
+    def admission(self) -> asyncio.Lock:
+        """One request at a time is tokenized and queued (in a worker thread): the next one's
+        room check on the event loop then sees it, so under a burst the requests past the
+        queue's room are answered 429 on the loop, not after a trip to a worker thread."""
+        loop = asyncio.get_running_loop()
+        if self._admit is None or self._admit[0] is not loop:
+            self._admit = (loop, asyncio.Lock())
+        return self._admit[1]
 
     def started(self) -> None:
         with self._lock:
@@ -237,7 +247,9 @@ async def respond(request, body: dict, chat: bool, eng: Engine, holder: EngineHo
     feed = _Feed(asyncio.get_running_loop(), chunks, holder)
     try:
         eng.check_room()  # a full queue answers 429 here, without a trip to a worker thread
-        stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits, feed)
+        async with holder.admission():
+            eng.check_room()  # and again once the requests admitted before this one queued
+            stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits, feed)
     except RequestError as e:
         raise P.bad(str(e), "messages" if chat else "prompt") from None
     except QueueFullError as e:  # bounded queue: tell the client when to come back
@@ -496,10 +508,14 @@ def _server(app, host: str, port: int, log_level: str,
     # asyncio accepts up to `backlog` connections in one callback: a burst of 1,000 users was
     # accepted in one go while GET /health waited behind it for over a second. So the loop
     # takes ACCEPT_BATCH per turn, and the kernel queue is raised back once listening.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    # Completion requests enter the app a batch per turn too (pacing.Paced), so /health is
+    # answered after one turn's handlers, not after a whole burst's.
+    from . import looptrace
+    from .pacing import Paced
+
+    config = uvicorn.Config(Paced(app), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
                             http=_guarded_protocol(header_timeout), backlog=ACCEPT_BATCH)
-    from . import looptrace
 
     looptrace.install()  # EDGE_README_LOOP_TRACE=SECONDS: report event-loop stalls
 

@@ -37,7 +37,7 @@ def install() -> None:
     if limit is None or getattr(asyncio.Handle, "_edge_readme_traced", False):
         return
     run = asyncio.Handle._run
-    turn = {"n": 0, "busy": 0.0}
+    turn: dict = {"n": 0, "busy": 0.0, "kinds": {}}
 
     def timed(self) -> None:
         t0 = time.perf_counter()
@@ -45,6 +45,9 @@ def install() -> None:
         dt = time.perf_counter() - t0
         turn["n"] += 1
         turn["busy"] += dt
+        kind = _kind(self)
+        n, t = turn["kinds"].get(kind, (0, 0.0))
+        turn["kinds"][kind] = (n + 1, t + dt)
         if dt > limit:
             print(f"[looptrace] {time.time():.3f} callback {dt * 1e3:.1f} ms: "
                   f"{_describe(self)}", file=sys.stderr, flush=True)
@@ -53,13 +56,16 @@ def install() -> None:
     once = asyncio.BaseEventLoop._run_once  # type: ignore[attr-defined]
 
     def timed_turn(self) -> None:
-        turn["n"], turn["busy"] = 0, 0.0
+        turn["n"], turn["busy"], turn["kinds"] = 0, 0.0, {}
         t0 = time.perf_counter()
         once(self)
         dt = time.perf_counter() - t0
         if dt > limit:
+            top = sorted(turn["kinds"].items(), key=lambda kv: -kv[1][1])[:4]
+            what = ", ".join(f"{k} {n}x {t * 1e3:.0f} ms" for k, (n, t) in top)
             print(f"[looptrace] {time.time():.3f} turn {dt * 1e3:.1f} ms: {turn['n']} "
-                  f"callbacks took {turn['busy'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                  f"callbacks took {turn['busy'] * 1e3:.1f} ms ({what})", file=sys.stderr,
+                  flush=True)
 
     asyncio.BaseEventLoop._run_once = timed_turn  # type: ignore[attr-defined]
     asyncio.Handle._edge_readme_traced = True  # type: ignore[attr-defined]
@@ -70,12 +76,30 @@ def install() -> None:
             started[threading.get_ident()] = time.perf_counter()
             return
         dt = time.perf_counter() - started.pop(threading.get_ident(), time.perf_counter())
+        if threading.current_thread() is threading.main_thread():
+            n, t = turn["kinds"].get("gc", (0, 0.0))
+            turn["kinds"]["gc"] = (n + 1, t + dt)
         if dt > limit:
             print(f"[looptrace] {time.time():.3f} gc generation {info['generation']} "
                   f"{dt * 1e3:.1f} ms in thread {threading.current_thread().name}",
                   file=sys.stderr, flush=True)
 
     gc.callbacks.append(on_gc)
+
+
+def _kind(handle: asyncio.Handle) -> str:
+    cb = getattr(handle, "_callback", None)
+    owner = getattr(cb, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        name, where = getattr(coro, "__qualname__", "task"), ""
+        while coro is not None:  # the innermost await: where this step left the task
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        return f"{name}@{where}" if where else name
+    return getattr(cb, "__qualname__", type(cb).__name__)
 
 
 def _describe(handle: asyncio.Handle) -> str:
