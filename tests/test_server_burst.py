@@ -233,6 +233,94 @@ def test_a_burst_of_connections_is_accepted_a_batch_per_loop_turn():
     assert waiting == burst - app_module.ACCEPT_BATCH, seen
 
 
+def test_a_burst_of_requests_enters_the_app_a_batch_per_turn():
+    """Requests that arrive together enter the app at most a batch per loop turn, in order; a
+    /health request that arrives after them is answered after one batch, not after all."""
+    from edge_readme.server import pacing
+
+    app = create_app(EngineHolder(), model_name="tiny")  # loading: completions answer 503
+    blocked, release, entered, seen = threading.Event(), threading.Event(), [], []
+
+    async def block(request):  # holds the event loop while the burst arrives
+        blocked.set()
+        release.wait(30)
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse("ok")
+
+    app.add_route("/block", block, methods=["GET"])
+
+    async def spy(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/health":
+            seen.append(len(entered))
+        elif scope["type"] == "http" and scope["path"].endswith("completions"):
+            entered.append(scope["path"])
+        await app(scope, receive, send)
+
+    burst = 4 * pacing.PER_TURN
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+               b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    with serving(spy) as (server, port):
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                 for _ in range(burst + 2)]
+        try:
+            wait_until(lambda: len(server.server_state.connections) == burst + 2)
+            probe, blocker, users = conns[0], conns[1], conns[2:]
+            blocker.sendall(b"GET /block HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert blocked.wait(30)
+            for u in users:
+                u.sendall(request)
+            probe.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            time.sleep(0.2)  # every request is in its socket's buffer
+            release.set()
+            assert probe.recv(65536).startswith(b"HTTP/1.1 503")
+            for u in users:  # every request is still answered (503: the model is loading)
+                assert u.recv(65536).startswith(b"HTTP/1.1 503")
+        finally:
+            release.set()
+            for c in conns:
+                c.close()
+    assert len(entered) == burst
+    assert len(seen) == 1 and seen[0] <= 2 * pacing.PER_TURN, (seen, burst)
+
+
+def test_paced_app_gets_the_whole_body_and_the_disconnect():
+    import asyncio
+
+    from edge_readme.server.pacing import Paced
+
+    got = []
+
+    async def app(scope, receive, send):
+        while True:
+            msg = await receive()
+            got.append(msg)
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                break
+        got.append(await receive())
+
+    msgs = [{"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"cd", "more_body": False},
+            {"type": "http.disconnect"}]
+
+    async def run(buffer):
+        got.clear()
+        queue = list(msgs)
+
+        async def receive():
+            return queue.pop(0)
+
+        await Paced(app, per_turn=1, buffer=buffer)(
+            {"type": "http", "path": "/v1/completions"}, receive, None)
+        return list(got)
+
+    assert asyncio.run(run(1 << 20)) == msgs
+    assert asyncio.run(run(1)) == msgs  # past the buffer the app reads the rest itself
+    with pytest.raises(ValueError, match="per_turn"):
+        Paced(app, per_turn=0)
+
+
 def test_loaded_heap_leaves_the_garbage_collector():
     gc.unfreeze()
     try:
