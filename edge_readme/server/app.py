@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible HTTP server over one `Engine` (FastAPI + uvicorn, the `serve` extra).
+"""A local OpenAI-compatible HTTP server over one `Engine` (Starlette + uvicorn, `serve` extra).
 
 Endpoints: POST /v1/chat/completions and /v1/completions (SSE with `stream: true`), GET /v1/models
 and GET /health (load progress; 503 until the model is ready). Engine calls block, so each request
@@ -25,7 +25,7 @@ INSTALL_HINT = "pip install 'edge-readme[serve]'"
 
 
 class ServeExtraMissing(EdgeReadmeError, ImportError):
-    """FastAPI or uvicorn is not installed."""
+    """Starlette or uvicorn is not installed."""
 
 
 def _require(module: str) -> Any:
