@@ -4,7 +4,8 @@ Three server configurations, each a real `edge-readme serve` process on 127.0.0.
 only), all under the same --memory-budget, --max-batch, --max-queue and --context-length:
 - routed:     SmolLM2-135M Read-ME + Qwen2.5-Coder-0.5B Read-ME, `--route linear` (TF-IDF);
 - generalist: SmolLM2-135M Read-ME alone (it fits whole in the budget);
-- random:     the two models, `--route random` (a seeded uniform choice per prompt).
+- random:     the two models, `--route random` (a seeded uniform choice per prompt);
+- routed-docs-coder (only with --config): routed, but a route file sends docs to the coder too.
 
 Workload (seeded; the same requests in the same order for every configuration): each request is
 one chat turn whose text is a held-out prompt of the routing corpus (never seen by the router),
@@ -58,7 +59,12 @@ import psutil
 CHAT, CODER = "smollm2-135m-readme", "qwen2.5-coder-0.5b-readme"
 CONFIGS = {"routed": ["--route", "linear", "-m", CHAT, "-m", CODER],
            "generalist": ["-m", CHAT],
-           "random": ["--route", "random", "-m", CHAT, "-m", CODER]}
+           "random": ["--route", "random", "-m", CHAT, "-m", CODER],
+           # the linear router with docs sent to the coder too (a route file, written at start)
+           "routed-docs-coder": ["--route-file", "{out}/route-docs-coder.json"]}
+DEFAULT_CONFIGS = ["routed", "generalist", "random"]  # routed-docs-coder: by --config
+DOCS_TO_CODER = {"models": [CHAT, CODER], "route": "linear",
+                 "table": {"code": CODER, "chat": CHAT, "docs": CODER}}
 LEVELS = [(1, 8), (10, 3), (100, 1), (1000, 1)]  # (concurrent users, requests per user)
 MIX = {"code": 0.5, "chat": 0.35, "docs": 0.15}
 QUALITY_DOMAINS = {"code": "code", "chat": "conversation", "docs": "docs"}
@@ -88,7 +94,10 @@ def free_port() -> int:
 
 
 def start_server(config: str, a, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edge_readme.cli.main", "serve", *CONFIGS[config],
+    if config == "routed-docs-coder":
+        atomic_json(a.out / "route-docs-coder.json", DOCS_TO_CODER)
+    argv = [x.format(out=a.out) for x in CONFIGS[config]]
+    cmd = [sys.executable, "-m", "edge_readme.cli.main", "serve", *argv,
            "--host", "127.0.0.1", "--port", str(port), "--memory-budget", a.memory_budget,
            "--context-length", str(a.context_length), "--max-batch", str(a.max_batch),
            "--max-queue", str(a.max_queue), "--max-tokens-limit", "64", "--log-level", "warning"]
@@ -471,7 +480,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.part in ("load", "all"):
-        part_load(a.config or list(CONFIGS), a)
+        part_load(a.config or DEFAULT_CONFIGS, a)
     if a.part in ("quality", "all"):
         part_quality(a)
     if a.part in ("report", "all"):

@@ -63,7 +63,7 @@ def serve_command(model: tuple[str, ...], host: str, port: int, api_key: str | N
     from ..server.app import _require, check_api_key, default_model_name, serve_loading
     from ..server.protocol import Limits
 
-    _require("fastapi"), _require("uvicorn")  # fail before loading anything
+    _require("starlette"), _require("uvicorn")  # fail before loading anything
     if api_key is not None:
         check_api_key(api_key)
     options = engine_kwargs(kw)

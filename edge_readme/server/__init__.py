@@ -1,6 +1,6 @@
 """The local OpenAI-compatible server (optional extra: `pip install 'edge-readme[serve]'`).
 
-Importing this package does not import FastAPI or uvicorn; `create_app` and `serve` do.
+Importing this package does not import Starlette or uvicorn; `create_app` and `serve` do.
 """
 
 from .app import (

@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible HTTP server over one `Engine` (FastAPI + uvicorn, the `serve` extra).
+"""A local OpenAI-compatible HTTP server over one `Engine` (Starlette + uvicorn, `serve` extra).
 
 Endpoints: POST /v1/chat/completions and /v1/completions (SSE with `stream: true`), GET /v1/models
 and GET /health (load progress; 503 until the model is ready). Engine calls block, so each request
@@ -25,7 +25,7 @@ INSTALL_HINT = "pip install 'edge-readme[serve]'"
 
 
 class ServeExtraMissing(EdgeReadmeError, ImportError):
-    """FastAPI or uvicorn is not installed."""
+    """Starlette or uvicorn is not installed."""
 
 
 def _require(module: str) -> Any:
@@ -56,10 +56,13 @@ class EngineHolder:
         self.served = {"requests": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.inflight = 0  # requests queued or running on the engine now
         self._lock = threading.Lock()
+        self._admit: tuple[Any, asyncio.Lock] | None = None
 
     def start_loading(self, load: Callable[[Callable[[str, float], None]], Engine],
-                      on_failure: Callable[[], None] = lambda: None) -> "EngineHolder":
-        """Run `load(on_progress)` in a daemon thread; the holder reports its progress."""
+                      on_failure: Callable[[], None] = lambda: None,
+                      on_ready: Callable[[], None] = lambda: None) -> "EngineHolder":
+        """Run `load(on_progress)` in a daemon thread; the holder reports its progress and
+        calls `on_ready()` once the engine is in place."""
 
         def progress(stage: str, frac: float) -> None:
             self.stage, self.fraction = stage, float(frac)
@@ -71,6 +74,8 @@ class EngineHolder:
             except BaseException as e:  # reported on /health and re-raised by serve_loading
                 self.error, self.stage = e, "failed"
                 on_failure()
+                return
+            on_ready()
 
         threading.Thread(target=run, name="edge-readme-load", daemon=True).start()
         return self
@@ -84,6 +89,15 @@ class EngineHolder:
         raise APIError(503, f"the model is loading ({self.stage} {self.fraction:.0%}); "
                             "retry when GET /health says ready", code="model_loading",
                        type="server_error")
+
+    def admission(self) -> asyncio.Lock:
+        """One request at a time is tokenized and queued (in a worker thread): the next one's
+        room check on the event loop then sees it, so under a burst the requests past the
+        queue's room are answered 429 on the loop, not after a trip to a worker thread."""
+        loop = asyncio.get_running_loop()
+        if self._admit is None or self._admit[0] is not loop:
+            self._admit = (loop, asyncio.Lock())
+        return self._admit[1]
 
     def started(self) -> None:
         with self._lock:
@@ -127,9 +141,13 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
             {"id": model_name, "object": "model", "created": 0, "owned_by": "edge-readme"}]})
 
     async def complete(request):
-        chat = request.url.path.endswith("/chat/completions")
+        chat = request.scope["path"].endswith("/chat/completions")
         authorize(request)
-        body = P.parse_json(await _read_body(request, limits.max_body_bytes))
+        body = await _read_body(request, limits.max_body_bytes)
+        full = refuse_when_full([holder.engine])
+        if full is not None:
+            return full
+        body = P.parse_json(body)
         eng = holder.ready()
         model = P.model_field(body, names(), model_name)
         return await respond(request, body, chat, eng, holder, model, limits)
@@ -142,15 +160,41 @@ def create_app(engine: Engine | EngineHolder, api_key: str | None = None,
     return app
 
 
+def refuse_when_full(engines: list[Engine | None], headers: dict[str, str] | None = None):
+    """The 429 answer when every engine's queue is full (None while one has room or is still
+    loading): under a burst most requests end here, before their body is parsed or routed."""
+    from starlette.responses import JSONResponse
+
+    errors = []
+    for e in engines:
+        if e is None:
+            return None
+        try:
+            e.check_room()
+            return None
+        except QueueFullError as err:
+            errors.append(err)
+    if not errors:
+        return None
+    soonest = min(errors, key=lambda err: err.retry_after)
+    err = APIError(429, str(soonest) if len(errors) == 1 else
+                   f"every model's queue is full; {soonest}", code="queue_full",
+                   type="server_error")
+    return JSONResponse(err.body(), status_code=429,
+                        headers={"Retry-After": str(soonest.retry_after), **(headers or {})})
+
+
 def base_app(api_key: str | None):
-    """A FastAPI app with the OpenAI-style error handlers, and the API-key check its routes
-    call: (app, authorize). Both servers (one model, and routed) start from it."""
-    fastapi = _require("fastapi")
+    """A Starlette app with the OpenAI-style error handlers, and the API-key check its routes
+    call: (app, authorize). Both servers (one model, and routed) start from it. Plain
+    Starlette, not FastAPI: the routes use no schema, and FastAPI's middleware layers cost
+    event-loop time on every request (a 1,000-user burst is 1,000 passes through them)."""
+    starlette = _require("starlette.applications")
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
 
     key_bytes = check_api_key(api_key).encode() if api_key is not None else b""
-    app = fastapi.FastAPI(title="edge-readme", docs_url=None, redoc_url=None, openapi_url=None)
+    app = starlette.Starlette()
 
     async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -199,18 +243,22 @@ async def respond(request, body: dict, chat: bool, eng: Engine, holder: EngineHo
     kw = P.sampling(body, limits)
     stream_it, include_usage = P.streaming(body)
     raw = P.messages(body) if chat else P.prompt(body)
+    chunks: asyncio.Queue = asyncio.Queue()
+    feed = _Feed(asyncio.get_running_loop(), chunks, holder)
     try:
-        stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits)
+        eng.check_room()  # a full queue answers 429 here, without a trip to a worker thread
+        async with holder.admission():
+            eng.check_room()  # and again once the requests admitted before this one queued
+            stream, n_prompt = await asyncio.to_thread(_start, eng, raw, chat, kw, limits, feed)
     except RequestError as e:
         raise P.bad(str(e), "messages" if chat else "prompt") from None
     except QueueFullError as e:  # bounded queue: tell the client when to come back
         err = APIError(429, str(e), code="queue_full", type="server_error")
         return JSONResponse(err.body(), status_code=429,
                             headers={"Retry-After": str(e.retry_after), **(headers or {})})
-    holder.started()
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     deadline = _Deadline(stream, limits.request_timeout)
-    events = _pump(stream, holder)
+    events = _events(chunks)
     if stream_it:
         return _EventStream(_sse(events, rid, model, chat, include_usage, n_prompt), stream,
                             headers)
@@ -273,8 +321,11 @@ async def _read_body(request, limit: int) -> bytes:
     return bytes(data)
 
 
-def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits) -> tuple[Stream, int]:
-    """Tokenize, check the prompt limit and queue the request (runs in a worker thread)."""
+def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits,
+           feed: "_Feed") -> tuple[Stream, int]:
+    """Tokenize, check the prompt limit, queue the request and start the thread that feeds its
+    chunks to the event loop (runs in a worker thread: under a burst, starting a thread waits
+    for the GIL twice, and that wait must not hold the event loop)."""
     engine.check_room()  # a full queue answers 429 before the template and the tokenizer run
     text = engine.chat_prompt(raw) if chat else raw
     ids = engine.tokenizer.encode(text) if isinstance(text, str) else list(text)
@@ -283,29 +334,39 @@ def _start(engine: Engine, raw: Any, chat: bool, kw: dict, limits: Limits) -> tu
         raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit} "
                             "(--max-prompt-tokens / --context-length)",
                        "messages" if chat else "prompt", "context_length_exceeded")
-    return engine.stream(ids, **kw), len(ids)
+    stream = engine.stream(ids, **kw)
+    feed.start(stream)
+    return stream, len(ids)
 
 
-async def _pump(stream: Stream, holder: EngineHolder) -> AsyncIterator[Chunk]:
-    """Chunks of `stream`, read by a thread of their own so the event loop never blocks."""
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
+class _Feed:
+    """Reads one stream's chunks on a thread of its own into an asyncio queue, so the event
+    loop never blocks on the engine; counts the request in the holder while it runs."""
 
-    def put(item: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, holder: EngineHolder):
+        self.loop, self.q, self.holder = loop, q, holder
+
+    def put(self, item: Any) -> None:
         try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
         except RuntimeError:  # the loop is gone (server shutting down); the engine finishes
             pass
 
-    def run() -> None:
-        try:
-            for chunk in stream:
-                put(chunk)
-        except BaseException as e:
-            put(e)
-        holder.finished(stream.result.finish_reason if stream.result else "error")
+    def start(self, stream: Stream) -> None:
+        def run() -> None:
+            try:
+                for chunk in stream:
+                    self.put(chunk)
+            except BaseException as e:
+                self.put(e)
+            self.holder.finished(stream.result.finish_reason if stream.result else "error")
 
-    threading.Thread(target=run, name="edge-readme-pump", daemon=True).start()
+        self.holder.started()
+        threading.Thread(target=run, name="edge-readme-pump", daemon=True).start()
+
+
+async def _events(q: asyncio.Queue) -> AsyncIterator[Chunk]:
+    """The chunks a `_Feed` delivers, until the last one (or its error)."""
     while True:
         item = await q.get()
         if isinstance(item, EdgeReadmeError):
@@ -377,6 +438,17 @@ class _EventStream:
 # ---------------------------------------------------------------- running
 
 
+def settle_heap() -> None:
+    """Once the models are loaded: collect, then move every object alive now (weights'
+    wrappers, tokenizer tables, ~300k objects for two models) out of the garbage collector's
+    reach. A full collection otherwise walks them all, holding the GIL for ~0.2 s here, and a
+    burst of new connections triggers one, in the event loop or in any thread."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def check_port(host: str, port: int) -> None:
     """Fail early, with a one-line reason, when the address cannot be bound."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -389,6 +461,8 @@ def check_port(host: str, port: int) -> None:
 
 
 HEADER_TIMEOUT = 10.0  # seconds a new connection may take to send its request headers
+ACCEPT_BATCH = 64  # connections accepted per event-loop turn (asyncio takes its backlog)
+LISTEN_BACKLOG = 2048  # connections the kernel holds for us meanwhile
 KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open
 
 
@@ -431,10 +505,30 @@ def _server(app, host: str, port: int, log_level: str,
             header_timeout: float = HEADER_TIMEOUT):
     uvicorn = _require("uvicorn")
     _raise_fd_limit()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    # asyncio accepts up to `backlog` connections in one callback: a burst of 1,000 users was
+    # accepted in one go while GET /health waited behind it for over a second. So the loop
+    # takes ACCEPT_BATCH per turn, and the kernel queue is raised back once listening.
+    # Completion requests enter the app a batch per turn too (pacing.Paced), so /health is
+    # answered after one turn's handlers, not after a whole burst's.
+    from . import looptrace
+    from .pacing import Paced
+
+    config = uvicorn.Config(Paced(app), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
-                            http=_guarded_protocol(header_timeout))
-    return uvicorn.Server(config)
+                            http=_guarded_protocol(header_timeout), backlog=ACCEPT_BATCH)
+
+    looptrace.install()  # EDGE_README_LOOP_TRACE=SECONDS: report event-loop stalls
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            for srv in self.servers:
+                for sock in srv.sockets:
+                    with sock.dup() as same:  # the same listening socket: its queue grows
+                        same.listen(LISTEN_BACKLOG)
+            self._lag_monitor = asyncio.ensure_future(looptrace.monitor())
+
+    return Server(config)
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -443,6 +537,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: st
     """Serve a loaded engine until Ctrl-C. The caller keeps ownership of the engine."""
     check_port(host, port)
     app = create_app(engine, api_key, limits, model_name)
+    settle_heap()
     _server(app, host, port, log_level).run()
 
 
@@ -455,7 +550,8 @@ def serve_loading(load: Callable[[Callable[[str, float], None]], Engine], model_
     check_port(host, port)
     holder = EngineHolder()
     server = _server(create_app(holder, api_key, limits, model_name), host, port, log_level)
-    holder.start_loading(load, on_failure=lambda: setattr(server, "should_exit", True))
+    holder.start_loading(load, on_failure=lambda: setattr(server, "should_exit", True),
+                         on_ready=settle_heap)
     try:
         server.run()
     finally:

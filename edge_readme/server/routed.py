@@ -26,7 +26,9 @@ from .app import (
     _server,
     base_app,
     check_port,
+    refuse_when_full,
     respond,
+    settle_heap,
 )
 from .protocol import APIError, Limits
 
@@ -164,9 +166,14 @@ def create_routed_app(models: Fleet, api_key: str | None = None, limits: Limits 
                       "x-edge-readme-route-ms": f"{seconds * 1e3:.3f}"}, {"route": route}
 
     async def complete(request):
-        chat = request.url.path.endswith("/chat/completions")
+        chat = request.scope["path"].endswith("/chat/completions")
         authorize(request)
-        body = P.parse_json(await _read_body(request, limits.max_body_bytes))
+        body = await _read_body(request, limits.max_body_bytes)
+        if models.router is not None:  # every queue full: 429 before parsing and routing
+            full = refuse_when_full([h.engine for h in models.holders.values()])
+            if full is not None:
+                return full
+        body = P.parse_json(body)
         name, headers, extra = choose(body, chat)
         holder = models.holders[name]
         eng = holder.ready()
@@ -182,9 +189,11 @@ def create_routed_app(models: Fleet, api_key: str | None = None, limits: Limits 
 
 def load_fleet(models: Fleet, load: Callable[[str, Callable[[str, float], None]], Engine],
                make_router: Callable[[Fleet], PromptRouter],
-               on_failure: Callable[[], None] = lambda: None) -> threading.Thread:
+               on_failure: Callable[[], None] = lambda: None,
+               on_ready: Callable[[], None] = lambda: None) -> threading.Thread:
     """Load each model in turn in a daemon thread (its holder shows progress), then build the
-    router (the readme kind reads a loaded engine's router). A failure stops the loading."""
+    router (the readme kind reads a loaded engine's router), then call `on_ready()`. A failure
+    stops the loading."""
 
     def run() -> None:
         for n in models.names:
@@ -207,6 +216,7 @@ def load_fleet(models: Fleet, load: Callable[[str, Callable[[str, float], None]]
             on_failure()
             return
         models.start_rebalancing()
+        on_ready()
 
     t = threading.Thread(target=run, name="edge-readme-load", daemon=True)
     t.start()
@@ -219,7 +229,8 @@ def serve_routed(models: Fleet, load, make_router, host: str = "127.0.0.1", port
     """Listen at once, load the models in the background, serve until Ctrl-C; close them all."""
     check_port(host, port)
     server = _server(create_routed_app(models, api_key, limits), host, port, log_level)
-    load_fleet(models, load, make_router, on_failure=lambda: setattr(server, "should_exit", True))
+    load_fleet(models, load, make_router, on_failure=lambda: setattr(server, "should_exit", True),
+               on_ready=settle_heap)
     try:
         server.run()
     finally:
