@@ -60,14 +60,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for `length` positions: [L, Hkv, S, hd] each."""
+    """Preallocated keys and values for `length` positions: [L, Hkv, S, hd] each.
 
-    def __init__(self, config: ModelConfig, length: int, device=None, dtype=torch.float32):
+    `KVCache.pool(n, ...)`: n caches in one buffer ([n, L, Hkv, S, hd]), so that a batched decode
+    step writes and reads every sequence's keys in one indexing op each."""
+
+    def __init__(self, config: ModelConfig, length: int, device=None, dtype=torch.float32,
+                 pool: "KVCache | None" = None, index: int = 0):
         super().__init__()
         shape = (config.num_layers, config.num_kv_heads, length, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.length = length
+        if pool is None:
+            k = torch.zeros(shape, device=device, dtype=dtype)
+            v = torch.zeros(shape, device=device, dtype=dtype)
+        else:  # a view of one entry of the pool (the pool is a submodule: freed with it)
+            k, v = pool.k[index], pool.v[index]
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.length, self.index = length, index
+        self.pooled = pool
+
+    @classmethod
+    def pool(cls, config: ModelConfig, n: int, length: int, device=None,
+             dtype=torch.float32) -> list["KVCache"]:
+        whole = cls(config, length, device, dtype)
+        for name in ("k", "v"):  # [n, L, Hkv, S, hd]
+            setattr(whole, name, torch.zeros((n, *getattr(whole, name).shape), device=device,
+                                             dtype=dtype))
+        return [cls(config, length, pool=whole, index=i) for i in range(n)]
 
     @property
     def nbytes(self) -> int:
@@ -172,27 +191,44 @@ class Attention(nn.Module):
         dec = [s for s in segs if s.length == 1]
         if len(dec) < 2 or q.device.type != "cpu" or len({s.cache.length for s in dec}) > 1:
             return torch.cat([alone(s) for s in segs], dim=1)
-        for s in dec:
-            s.cache.k[layer, :, s.pos] = k[:, s.start]
-            s.cache.v[layer, :, s.pos] = v[:, s.start]
         n = max(key_span(s.cache.length, s.pos + 1) for s in dec)
+        pool = dec[0].cache.pooled
+        slots, pos, rows = _indices(tuple(s.cache.index for s in dec), tuple(s.pos for s in dec),
+                                    tuple(s.start for s in dec), q.device)
+        if pool is not None and all(s.cache.pooled is pool for s in dec):  # one op, not B
+            for buf, new in ((pool.k, k), (pool.v, v)):
+                buf[slots, layer, :, pos] = new.index_select(1, rows).transpose(0, 1).to(buf.dtype)
+
+            def read(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                return pool.k[slots[part], layer, :, :n], pool.v[slots[part], layer, :, :n]
+        else:
+            for s in dec:
+                s.cache.k[layer, :, s.pos] = k[:, s.start]
+                s.cache.v[layer, :, s.pos] = v[:, s.start]
+
+            def read(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                return (torch.stack([s.cache.k[layer, :, :n] for s in dec[part]]),
+                        torch.stack([s.cache.v[layer, :, :n] for s in dec[part]]))
         c = self.c  # sequences per call: their float keys/values and scores stay within the
         # planned scores of one default prompt chunk (H x 256 x context floats)
         per = max(1, c.num_heads * 256 * dec[0].cache.length
                   // (n * (3 * c.num_kv_heads * c.head_dim + 2 * c.num_heads)))
-        outs = []
-        for i in range(0, len(dec), per):
-            part = dec[i:i + per]
-            outs.append(decode_attention(
-                q[:, [s.start for s in part]].transpose(0, 1),
-                torch.stack([s.cache.k[layer, :, :n] for s in part]),
-                torch.stack([s.cache.v[layer, :, :n] for s in part]),
-                [s.pos + 1 for s in part]))  # [B, H, hd]
-        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        qd = (q if len(dec) == len(segs) else q.index_select(1, rows)).transpose(0, 1)
+        lengths = [s.pos + 1 for s in dec]
+        o = torch.cat([decode_attention(qd[i:i + per], *read(slice(i, i + per)),
+                                        lengths[i:i + per])
+                       for i in range(0, len(dec), per)])  # [B, H, hd]
         if len(dec) == len(segs):
             return o.transpose(0, 1)
         done = dict(zip(map(id, dec), o.unsqueeze(2)))  # each [H, 1, hd]
         return torch.cat([done[id(s)] if id(s) in done else alone(s) for s in segs], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _indices(*lists_and_device) -> tuple[torch.Tensor, ...]:
+    """The index tensors of a step's decoding sequences (the same for every layer)."""
+    *lists, device = lists_and_device
+    return tuple(torch.tensor(x, device=device) for x in lists)
 
 
 class DenseFFN(nn.Module):

@@ -248,11 +248,10 @@ class Runtime:
         self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
-        self.slots = [SeqSlot(KVCache(c, self.context_length, device=self.device,
-                                      dtype=quant.kv_dtype(self.weights, self.device)),
-                              self.router.new_cache(self.context_length) if self.router else None,
-                              self.context_length, c.num_layers)
-                      for _ in range(o.max_batch)]
+        kvs = KVCache.pool(c, o.max_batch, self.context_length, device=self.device,
+                           dtype=quant.kv_dtype(self.weights, self.device))  # one buffer
+        self.slots = [SeqSlot(kv, self.router.new_cache(self.context_length) if self.router
+                              else None, self.context_length, c.num_layers) for kv in kvs]
         progress("weights", 1.0)
 
     def _build_moe(self, loaded: LoadedModel, progress) -> None:

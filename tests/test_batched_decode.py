@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 
-from edge_readme.model import decode_attention, key_span
+from edge_readme.model import KVCache, Segment, build_transformer, decode_attention, key_span
+from tests.tiny_models import tiny_config, tiny_tensors
 
 
 @pytest.mark.parametrize("context", [8, 20, 512, 2048])
@@ -44,3 +45,39 @@ def test_padding_past_a_length_is_ignored():
     assert torch.equal(full, decode_attention(q, keys, values, [16]))
     ref = torch.softmax((q.view(3, 3, 64) @ keys[0, :, :16].transpose(1, 2)) * 64 ** -0.5, -1)
     torch.testing.assert_close(full.view(3, 3, 64), ref @ values[0, :, :16])
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("weights", ["q4", "q8"])  # f32: MKL rounds rows by batch size
+def test_a_ragged_step_gives_each_sequence_its_solo_logits(pooled, weights):
+    """Decodes (batched attention), a prompt chunk and a one-token prompt in one forward pass,
+    with the caches in one pool (one gather) or apart (stacked): each sequence's logits equal
+    its logits run alone, bit for bit."""
+    c = tiny_config()
+    model = build_transformer(c, tiny_tensors(c), "cpu", torch.float32, rope_length=64,
+                              weights=weights)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, c.vocab_size, (n,), generator=g) for n in (3, 20, 9, 1, 5)]
+    nxt = [int(t) for t in torch.randint(0, c.vocab_size, (5,), generator=g)]
+    dtype = torch.bfloat16  # the q4/q8 KV cache on a CPU with bfloat16 kernels
+    with torch.inference_mode():
+        solo = []
+        for p, t in zip(prompts, nxt):
+            cache = KVCache(c, 64, dtype=dtype)
+            model(p, cache, 0)
+            solo.append(model(torch.tensor([t]), cache, len(p))[0])
+        caches = (KVCache.pool(c, 5, 64, dtype=dtype) if pooled
+                  else [KVCache(c, 64, dtype=dtype) for _ in range(5)])
+        for p, cache in zip(prompts[:3], caches):
+            model(p, cache, 0)
+        # sequences 0-2 decode; 3 and 4 read their prompts in the same pass
+        work = [[nxt[0]], [nxt[1]], [nxt[2]], prompts[3].tolist(), prompts[4].tolist()]
+        segs, start = [], 0
+        for i, toks in enumerate(work):
+            segs.append(Segment(caches[i], len(prompts[i]) if i < 3 else 0, start, len(toks)))
+            start += len(toks)
+        out = model(torch.tensor([t for w in work for t in w]), segs, 0)
+        for i in range(3):
+            assert torch.equal(out[i], solo[i]), i
+        alone = [model(prompts[i], KVCache(c, 64, dtype=dtype), 0)[0] for i in (3, 4)]
+        assert torch.equal(out[3], alone[0]) and torch.equal(out[4], alone[1])
