@@ -47,12 +47,13 @@ def test_padding_past_a_length_is_ignored():
     torch.testing.assert_close(full.view(3, 3, 64), ref @ values[0, :, :16])
 
 
-@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("pooled,order", [(True, [0, 1, 2, 3, 4]), (True, [4, 0, 2, 1, 3]),
+                                          (False, [0, 1, 2, 3, 4])])
 @pytest.mark.parametrize("weights", ["q4", "q8"])  # f32: MKL rounds rows by batch size
-def test_a_ragged_step_gives_each_sequence_its_solo_logits(pooled, weights):
+def test_a_ragged_step_gives_each_sequence_its_solo_logits(pooled, order, weights):
     """Decodes (batched attention), a prompt chunk and a one-token prompt in one forward pass,
-    with the caches in one pool (one gather) or apart (stacked): each sequence's logits equal
-    its logits run alone, bit for bit."""
+    with the caches in one pool (slots in order: a view; out of order: a gather) or apart
+    (stacked): each sequence's logits equal its logits run alone, bit for bit."""
     c = tiny_config()
     model = build_transformer(c, tiny_tensors(c), "cpu", torch.float32, rope_length=64,
                               weights=weights)
@@ -68,6 +69,7 @@ def test_a_ragged_step_gives_each_sequence_its_solo_logits(pooled, weights):
             solo.append(model(torch.tensor([t]), cache, len(p))[0])
         caches = (KVCache.pool(c, 5, 64, dtype=dtype) if pooled
                   else [KVCache(c, 64, dtype=dtype) for _ in range(5)])
+        caches = [caches[i] for i in order]
         for p, cache in zip(prompts[:3], caches):
             model(p, cache, 0)
         # sequences 0-2 decode; 3 and 4 read their prompts in the same pass
