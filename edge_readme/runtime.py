@@ -420,8 +420,7 @@ class Runtime:
         """
         cache = self.cache
         if self.all_resident:  # nothing to plan: every expert stays in its slot
-            return [[e] for e in route[0].tolist()] if route.shape[0] == 1 else \
-                [torch.unique(route[:, layer]).tolist() for layer in range(route.shape[1])]
+            return [sorted(set(col)) for col in zip(*route.tolist())]  # per layer, no torch op
         nxt = route[last_rows]  # [S, L]
         likely_next = [(layer, e) for layer in range(route.shape[1])
                        for e in dict.fromkeys(nxt[:, layer].tolist())]
