@@ -66,7 +66,7 @@ class KVCache(nn.Module):
     step writes and reads every sequence's keys in one indexing op each."""
 
     def __init__(self, config: ModelConfig, length: int, device=None, dtype=torch.float32,
-                 pool: "KVCache | None" = None, index: int = 0):
+                 pool: nn.Module | None = None, index: int = 0):
         super().__init__()
         shape = (config.num_layers, config.num_kv_heads, length, config.head_dim)
         if pool is None:
@@ -82,10 +82,11 @@ class KVCache(nn.Module):
     @classmethod
     def pool(cls, config: ModelConfig, n: int, length: int, device=None,
              dtype=torch.float32) -> list["KVCache"]:
-        whole = cls(config, length, device, dtype)
-        for name in ("k", "v"):  # [n, L, Hkv, S, hd]
-            setattr(whole, name, torch.zeros((n, *getattr(whole, name).shape), device=device,
-                                             dtype=dtype))
+        shape = (n, config.num_layers, config.num_kv_heads, length, config.head_dim)
+        whole = nn.Module()
+        for name in ("k", "v"):
+            whole.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype),
+                                  persistent=False)
         return [cls(config, length, pool=whole, index=i) for i in range(n)]
 
     @property
