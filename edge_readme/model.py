@@ -102,9 +102,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     Grouped heads share their keys through a view (SDPA's GQA path on the CPU copies them: 3x
     slower here). A bfloat16 cache is read in q's dtype, as the prompt's path reads it. Each
     sequence's result is bit-for-bit the same alone or padded in a batch of any size (on the
-    CPU; `tests/test_batching.py` checks it): the scores are K q^T (each score one dot product
-    whatever the shape; q K^T rounds differently as S changes), and a caller pads every row to
-    at least `MIN_KEYS` keys, since the softmax sums rows shorter than one vector differently."""
+    CPU; tests/test_batched_decode.py checks it): the scores are K q^T (each score one dot
+    product whatever the shape; q K^T rounds differently as S changes), and a caller pads every
+    row to at least `MIN_KEYS` keys (the softmax sums rows shorter than a vector differently)."""
     B, H, hd = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     keys = keys.to(q.dtype).reshape(B * Hkv, S, hd)
@@ -163,8 +163,8 @@ class Attention(nn.Module):
         v = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
         if isinstance(cache, KVCache):
             out = self.attend(cache, layer, pos, q, k, v, mask)
-        else:  # ragged batch: projections ran once over all rows, attention per sequence
-            out = self.attend_ragged(cache, layer, q, k, v)  # [H, T, hd]
+        else:  # ragged batch: projections once over all rows; attention per prompt
+            out = self.attend_ragged(cache, layer, q, k, v)  # and decodes at once
         return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
 
     @staticmethod
