@@ -7,6 +7,7 @@ are the provider's business.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
@@ -60,31 +61,76 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for `length` positions: [L, Hkv, S, hd] each."""
+    """Preallocated keys and values for `length` positions: [L, Hkv, S, hd] each.
 
-    def __init__(self, config: ModelConfig, length: int, device=None, dtype=torch.float32):
+    `KVCache.pool(n, ...)`: n caches in one buffer ([n, L, Hkv, S, hd]), so that a batched decode
+    step writes and reads every sequence's keys in one indexing op each."""
+
+    def __init__(self, config: ModelConfig, length: int, device=None, dtype=torch.float32,
+                 pool: nn.Module | None = None, index: int = 0):
         super().__init__()
         shape = (config.num_layers, config.num_kv_heads, length, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.length = length
+        if pool is None:
+            k = torch.zeros(shape, device=device, dtype=dtype)
+            v = torch.zeros(shape, device=device, dtype=dtype)
+        else:  # a view of one entry of the pool (the pool is a submodule: freed with it)
+            k, v = pool.k[index], pool.v[index]
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.length, self.index = length, index
+        self.pooled = pool
+
+    @classmethod
+    def pool(cls, config: ModelConfig, n: int, length: int, device=None,
+             dtype=torch.float32) -> list["KVCache"]:
+        shape = (n, config.num_layers, config.num_kv_heads, length, config.head_dim)
+        whole = nn.Module()
+        for name in ("k", "v"):
+            whole.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype),
+                                  persistent=False)
+        return [cls(config, length, pool=whole, index=i) for i in range(n)]
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query per head: q [H, 1, hd], keys/values [Hkv, S, hd] -> [H, 1, hd]. Grouped heads
-    share their keys through a view (SDPA's GQA path on the CPU copies them: 3x slower here).
-    A bfloat16 cache is read in q's dtype, as the prompt's path reads it: a token decoded alone
-    and the same token prefilled with others agree to float32 rounding."""
-    H, _, hd = q.shape
-    Hkv = keys.shape[0]
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
-    qg = q.view(Hkv, H // Hkv, hd)  # [Hkv, g, hd]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(hd ** -0.5)  # [Hkv, g, S]
-    return torch.bmm(torch.softmax(scores, dim=-1), values).view(H, 1, hd)
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: list[int]) -> torch.Tensor:
+    """One query per head for each of B sequences: q [B, H, hd], keys/values [B, Hkv, S, hd];
+    sequence b sees its first lengths[b] keys (the rest is padding) -> [B, H, hd].
+
+    Grouped heads share their keys through a view (SDPA's GQA path on the CPU copies them: 3x
+    slower here). A bfloat16 cache is read in q's dtype, as the prompt's path reads it. Each
+    sequence's result is bit-for-bit the same alone or padded in a batch of any size (on the
+    CPU; tests/test_batched_decode.py checks it): the scores are K q^T (each score one dot
+    product whatever the shape; q K^T rounds differently as S changes), and a caller pads every
+    row to at least `MIN_KEYS` keys (the softmax sums rows shorter than a vector differently)."""
+    B, H, hd = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    keys = keys.to(q.dtype).reshape(B * Hkv, S, hd)
+    values = values.to(q.dtype).reshape(B * Hkv, S, hd)
+    qg = q.reshape(B * Hkv, H // Hkv, hd)
+    scores = torch.bmm(keys, qg.transpose(1, 2)).transpose(1, 2).contiguous()  # [B Hkv, g, S]
+    scores.mul_(hd ** -0.5)
+    if min(lengths) < S:
+        scores.view(B, Hkv, -1, S).masked_fill_(
+            _padding(S, tuple(lengths), q.device)[:, None, None, :], float("-inf"))
+    return torch.bmm(torch.softmax(scores, dim=-1), values).view(B, H, hd)
+
+
+@functools.lru_cache(maxsize=8)
+def _padding(S: int, lengths: tuple[int, ...], device) -> torch.Tensor:
+    """[B, S] True past each length (one per step: every layer of a step has the same)."""
+    return torch.arange(S, device=device) >= torch.tensor(lengths, device=device)[:, None]
+
+
+MIN_KEYS = 16  # the widest CPU vector in floats: softmax rows at least this long sum lane-wise
+
+
+def key_span(cache_length: int, n: int) -> int:
+    """How many cache positions a decode step reads to see n keys: n, padded to MIN_KEYS."""
+    return min(cache_length, max(n, MIN_KEYS))
 
 
 @dataclass
@@ -118,11 +164,8 @@ class Attention(nn.Module):
         v = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
         if isinstance(cache, KVCache):
             out = self.attend(cache, layer, pos, q, k, v, mask)
-        else:  # ragged batch: projections ran once over all rows, attention per sequence
-            out = torch.cat([self.attend(s.cache, layer, s.pos, *(t[:, s.start:s.start + s.length]
-                                                                  for t in (q, k, v)),
-                                         causal_mask(s.pos, s.length, x.device))
-                             for s in cache], dim=1)  # [H, T, hd]
+        else:  # ragged batch: projections once over all rows; attention per prompt
+            out = self.attend_ragged(cache, layer, q, k, v)  # and decodes at once
         return linear(out.transpose(0, 1).reshape(T, c.q_dim), self.wo)
 
     @staticmethod
@@ -130,12 +173,69 @@ class Attention(nn.Module):
         T = q.shape[1]
         cache.k[layer, :, pos:pos + T] = k
         cache.v[layer, :, pos:pos + T] = v
-        keys, values = cache.k[layer, :, :pos + T], cache.v[layer, :, :pos + T]  # [Hkv, S, hd]
         if T == 1:
-            return decode_attention(q, keys, values)
+            n = key_span(cache.length, pos + 1)
+            return decode_attention(q.transpose(0, 1), cache.k[layer, None, :, :n],
+                                    cache.v[layer, None, :, :n], [pos + 1]).transpose(0, 1)
+        keys, values = cache.k[layer, :, :pos + T], cache.v[layer, :, :pos + T]  # [Hkv, S, hd]
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def attend_ragged(self, segs: list[Segment], layer: int, q, k, v) -> torch.Tensor:
+        """Attention of a ragged batch: prompt chunks one by one, and the sequences that decode
+        one token together in `decode_attention` (CPU: exact there, see it) -> [H, T, hd]."""
+        def alone(s: Segment) -> torch.Tensor:
+            return self.attend(s.cache, layer, s.pos, *(t[:, s.start:s.start + s.length]
+                                                        for t in (q, k, v)),
+                               causal_mask(s.pos, s.length, q.device))
+
+        dec = [s for s in segs if s.length == 1]
+        if len(dec) < 2 or q.device.type != "cpu" or len({s.cache.length for s in dec}) > 1:
+            return torch.cat([alone(s) for s in segs], dim=1)
+        n = max(key_span(s.cache.length, s.pos + 1) for s in dec)
+        pool = dec[0].cache.pooled
+        slots, pos, rows = _indices(tuple(s.cache.index for s in dec), tuple(s.pos for s in dec),
+                                    tuple(s.start for s in dec), q.device)
+        if pool is not None and all(s.cache.pooled is pool for s in dec):  # one op, not B
+            for buf, new in ((pool.k, k), (pool.v, v)):
+                buf[slots, layer, :, pos] = new.index_select(1, rows).transpose(0, 1).to(buf.dtype)
+
+            def read(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                ids = [s.cache.index for s in dec[part]]
+                if ids == list(range(ids[0], ids[0] + len(ids))):  # consecutive: a view
+                    return (pool.k[ids[0]:ids[0] + len(ids), layer, :, :n],
+                            pool.v[ids[0]:ids[0] + len(ids), layer, :, :n])
+                return (pool.k[:, layer, :, :n].index_select(0, slots[part]),
+                        pool.v[:, layer, :, :n].index_select(0, slots[part]))
+        else:
+            for s in dec:
+                s.cache.k[layer, :, s.pos] = k[:, s.start]
+                s.cache.v[layer, :, s.pos] = v[:, s.start]
+
+            def read(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                return (torch.stack([s.cache.k[layer, :, :n] for s in dec[part]]),
+                        torch.stack([s.cache.v[layer, :, :n] for s in dec[part]]))
+        c = self.c  # sequences per call: their float keys/values and scores stay within the
+        # planned scores of one default prompt chunk (H x 256 x context floats)
+        per = max(1, c.num_heads * 256 * dec[0].cache.length
+                  // (n * (3 * c.num_kv_heads * c.head_dim + 2 * c.num_heads)))
+        qd = (q if len(dec) == len(segs) else q.index_select(1, rows)).transpose(0, 1)
+        lengths = [s.pos + 1 for s in dec]
+        o = torch.cat([decode_attention(qd[i:i + per], *read(slice(i, i + per)),
+                                        lengths[i:i + per])
+                       for i in range(0, len(dec), per)])  # [B, H, hd]
+        if len(dec) == len(segs):
+            return o.transpose(0, 1)
+        done = dict(zip(map(id, dec), o.unsqueeze(2)))  # each [H, 1, hd]
+        return torch.cat([done[id(s)] if id(s) in done else alone(s) for s in segs], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _indices(*lists_and_device) -> tuple[torch.Tensor, ...]:
+    """The index tensors of a step's decoding sequences (the same for every layer)."""
+    *lists, device = lists_and_device
+    return tuple(torch.tensor(x, device=device) for x in lists)
 
 
 class DenseFFN(nn.Module):
@@ -180,14 +280,23 @@ class MoEFFN(nn.Module):
         if x.shape[0] == 1:
             with self.experts.get(layer, int(route[0])) as w:
                 return out + expert_ffn(x, w)
-        groups = order if order is not None else torch.unique(route).tolist()
+        rows: dict[int, list[int]] = {}
+        for t, e in enumerate(route.tolist()):
+            rows.setdefault(e, []).append(t)
+        groups = [e for e in (order if order is not None else sorted(rows)) if e in rows]
+        # the rows sorted by expert, once: each group is then a slice, and one gather puts
+        # every group's output back in row order (the same sums as an index_add_ per group;
+        # index_add_ itself cost 0.35 ms a call with 2 threads on a busy machine)
+        perm = [t for e in groups for t in rows[e]]
+        inv = [0] * len(perm)
+        for i, t in enumerate(perm):
+            inv[t] = i
+        xs, ys, at = x.index_select(0, torch.tensor(perm, device=x.device)), [], 0
         for e in groups:
-            idx = (route == e).nonzero().squeeze(1).to(x.device)  # [T_e]
-            if idx.numel() == 0:
-                continue
             with self.experts.get(layer, e) as w:
-                out.index_add_(0, idx, expert_ffn(x.index_select(0, idx), w))  # [T_e, D] -> [T, D]
-        return out
+                ys.append(expert_ffn(xs[at:at + len(rows[e])], w))  # [T_e, D]
+            at += len(rows[e])
+        return out.add_(torch.cat(ys).index_select(0, torch.tensor(inv, device=x.device)))
 
 
 class Block(nn.Module):

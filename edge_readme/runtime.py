@@ -283,11 +283,10 @@ class Runtime:
         self.all_resident = False
         if c.moe is not None:
             self._build_moe(loaded, progress)
-        self.slots = [SeqSlot(KVCache(c, self.context_length, device=self.device,
-                                      dtype=quant.kv_dtype(self.weights, self.device)),
-                              self.router.new_cache(self.context_length) if self.router else None,
-                              self.context_length, c.num_layers)
-                      for _ in range(o.max_batch)]
+        kvs = KVCache.pool(c, o.max_batch, self.context_length, device=self.device,
+                           dtype=quant.kv_dtype(self.weights, self.device))  # one buffer
+        self.slots = [SeqSlot(kv, self.router.new_cache(self.context_length) if self.router
+                              else None, self.context_length, c.num_layers) for kv in kvs]
         progress("weights", 1.0)
 
     def _build_moe(self, loaded: LoadedModel, progress) -> None:
@@ -460,8 +459,7 @@ class Runtime:
         """
         cache = self.cache
         if self.all_resident:  # nothing to plan: every expert stays in its slot
-            return [[e] for e in route[0].tolist()] if route.shape[0] == 1 else \
-                [torch.unique(route[:, layer]).tolist() for layer in range(route.shape[1])]
+            return [sorted(set(col)) for col in zip(*route.tolist())]  # per layer, no torch op
         nxt = route[last_rows]  # [S, L]
         likely_next = [(layer, e) for layer in range(route.shape[1])
                        for e in dict.fromkeys(nxt[:, layer].tolist())]

@@ -215,5 +215,5 @@ class Scheduler:
 
 def distinct_experts(paths: Sequence[torch.Tensor]) -> float:
     """Mean over layers of the distinct experts the given token paths ([T, L] each) touch."""
-    route = torch.cat(list(paths))
-    return sum(len(torch.unique(route[:, i])) for i in range(route.shape[1])) / route.shape[1]
+    cols = list(zip(*(row for p in paths for row in p.tolist())))  # per layer (Python: a step
+    return sum(len(set(c)) for c in cols) / len(cols)  # logs this; 30 torch.unique cost 0.4 ms)
