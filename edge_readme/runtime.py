@@ -196,15 +196,14 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
         budget = parse_budget(budget) if budget != "auto" else None
         if budget is None:
             budget = auto_budget(device)
-    if budget is None:  # no cap: everything resident
-        budget = dense_bytes + kv_bytes + scratch + (
-            packed_nbytes(manifest, form, dtype, quant.act_dtype(fmt, device))
-            if manifest is not None and device.type == "cpu" else keys * slot_bytes)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
     packed = None  # on the CPU a budget that holds every expert packs them by their sizes
     if manifest is not None and device.type == "cpu":
         packed = packed_nbytes(manifest, form, dtype, quant.act_dtype(fmt, device))
+    if budget is None:  # no cap: everything resident
+        budget = dense_bytes + kv_bytes + scratch + (keys * slot_bytes if packed is None
+                                                     else packed)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
     return plan_memory(dense_bytes, slot_bytes, keys, kv_bytes, scratch, budget, min_slots=1,
                        packed_bytes=packed)
 
