@@ -7,7 +7,7 @@ stay flat, and every completed greedy answer must equal its solo answer.
     python tests/soak.py --model smollm2-135m-readme --memory-budget 600MiB --minutes 20
 
 Writes soak.json (samples, counts, verdict) and soak.png (fds, threads, RSS over time) to --out;
-exits 1 when a check fails. Needs the serve extra (fastapi, uvicorn), httpx and psutil.
+exits 1 when a check fails. Needs the serve extra (starlette, uvicorn), httpx and psutil.
 """
 
 from __future__ import annotations

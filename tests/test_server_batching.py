@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from edge_readme import Engine  # noqa: E402
