@@ -62,6 +62,9 @@ class Fleet:
         """Once every engine is loaded: move expert slots to the models with traffic."""
         if self.budget is None or not self.needs or self.rebalance_every <= 0:
             return
+        if any(h.engine is not None and h.engine.runtime.device.type != "cpu"
+               for h in self.holders.values()):
+            return  # a CUDA cache's slot block is real device memory: the start split stays
         self.rebalancer = fleet.Rebalancer(
             self.budget, self.needs, self.shares,
             inflight=lambda: {n: h.inflight for n, h in self.holders.items()},
