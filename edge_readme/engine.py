@@ -276,16 +276,6 @@ class Engine:
         expert slots grow or shrink between two forward passes, evicting by the cache policy;
         the dense part and KV caches stay. Returns the new plan; raises BudgetTooSmallError
         below the minimum. Answers do not change: offloading is exact."""
-        if isinstance(budget, str):
-            from .budget import parse_budget
-
-            parsed = parse_budget(budget)
-            if parsed is None:
-                raise EdgeReadmeError("memory budget: 'auto' is for loading; give a size")
-            budget = parsed
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-            raise EdgeReadmeError(f"memory budget: expected a positive byte count, got "
-                                  f"{budget!r}")
         ctl = _Control(lambda: self.runtime.set_memory_budget(budget).to_json())
         with self._lock:
             if self._closed:

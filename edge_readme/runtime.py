@@ -147,6 +147,12 @@ def tables_in_file(loaded: LoadedModel, o: RuntimeOptions, fmt: str) -> dict[str
     return {n: r for n, r in found.items() if r is not None}
 
 
+def check_budget(budget) -> int:
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
+    return budget
+
+
 def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.device,
              dtype: torch.dtype, context_length: int, fmt: str | None = None) -> MemoryPlan:
     """Split the budget: dense weights, KV cache, scratch, then as many expert slots as fit."""
@@ -202,8 +208,7 @@ def plan_for(loaded: LoadedModel, manifest, o: RuntimeOptions, device: torch.dev
     if budget is None:  # no cap: everything resident
         budget = dense_bytes + kv_bytes + scratch + (keys * slot_bytes if packed is None
                                                      else packed)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        raise BudgetError(f"memory budget: expected a positive byte count, got {budget!r}")
+    check_budget(budget)
     return plan_memory(dense_bytes, slot_bytes, keys, kv_bytes, scratch, budget, min_slots=1,
                        packed_bytes=packed)
 
@@ -521,13 +526,18 @@ class Runtime:
         self.cache.lookahead.extend(guess + list(dict.fromkeys(others)) + self._queued_future)
         self.prefetcher.submit(guess[: o.speculate_layers])
 
-    def set_memory_budget(self, budget: int) -> MemoryPlan:
+    def set_memory_budget(self, budget: int | str) -> MemoryPlan:
         """Re-split a running model at a new budget: the dense part, KV caches and scratch stay
         as they are; the expert slots become what fits beside them (at least one, else a
         BudgetTooSmallError with the minimum). Call it between forward passes. The cache evicts
         by its policy over the future it was told, and a shrink's freed memory goes back to the
         OS before this returns, so a caller that moves bytes from one model to another can
         shrink the first and then grow the second without the sum passing the total."""
+        if isinstance(budget, str):
+            budget = parse_budget(budget)
+            if budget is None:
+                raise EdgeReadmeError("memory budget: 'auto' is for loading; give a size")
+        check_budget(budget)
         if self.cache is None:
             raise EdgeReadmeError("memory budget: a dense model has no expert slots to resize")
         p = self.plan

@@ -13,7 +13,7 @@ from edge_readme.cli.main import cli
 from edge_readme.experts_format import read_manifest
 from edge_readme.quant import lowbit, q4
 from edge_readme.runtime import dry_run_plan
-from tests.tiny_models import write_moe
+from tests.tiny_models import write_moe_in
 
 PROMPTS = ["the theory of heat", " a tiny test, then another one", "on and on"]
 CTX = {"device": "cpu", "context_length": 128}
@@ -68,8 +68,7 @@ def fmt(request):
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory, fmt):
-    return write_moe(tmp_path_factory.mktemp("mp") / "tiny-moe", num_experts=4, layers=3,
-                     dtype="q4" if fmt == "q4" else torch.float32)
+    return write_moe_in(tmp_path_factory.mktemp("mp") / "tiny-moe", fmt)
 
 
 @pytest.fixture(scope="module")

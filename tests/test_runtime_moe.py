@@ -15,7 +15,7 @@ from edge_readme.loader import load_model
 from edge_readme.model import ExpertWeights, KVCache, build_transformer
 from edge_readme.router import Router
 from edge_readme.runtime import dry_run_plan
-from tests.tiny_models import write_moe
+from tests.tiny_models import write_moe_in
 
 PROMPTS = ["the theory of heat", " a tiny test, then another one", "on and on"]
 POLICIES = ["belady", "lru", "lfu", "fifo"]
@@ -84,8 +84,7 @@ def fmt(request):
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory, fmt):
-    return write_moe(tmp_path_factory.mktemp("moe") / "tiny-moe", num_experts=4, layers=3,
-                     dtype="q4" if fmt == "q4" else torch.float32)
+    return write_moe_in(tmp_path_factory.mktemp("moe") / "tiny-moe", fmt)
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,22 @@ def kernel_queue(sock) -> tuple[int, int]:
     return unacked, sacked
 
 
+def blocking_route(app) -> tuple[threading.Event, threading.Event]:
+    """GET /block holds the event loop itself (as a long callback would) until `release` is
+    set; `blocked` is set once it runs."""
+    blocked, release = threading.Event(), threading.Event()
+
+    async def block(request):
+        blocked.set()
+        release.wait(30)
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse("ok")
+
+    app.add_route("/block", block, methods=["GET"])
+    return blocked, release
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the accept queue from TCP_INFO")
 def test_a_burst_of_connections_is_accepted_a_batch_per_loop_turn():
     """Users connect all at once: the loop accepts a batch of them per turn, so a /health
@@ -188,17 +204,8 @@ def test_a_burst_of_connections_is_accepted_a_batch_per_loop_turn():
 
     holder = EngineHolder()  # loading: /health answers 503 at once, no model needed
     app = create_app(holder, model_name="tiny")
-    blocked, release, seen = threading.Event(), threading.Event(), []
-    listening: list = []
-
-    async def block(request):  # holds the event loop itself, as a long callback would
-        blocked.set()
-        release.wait(30)
-        from starlette.responses import PlainTextResponse
-
-        return PlainTextResponse("ok")
-
-    app.add_route("/block", block, methods=["GET"])
+    blocked, release = blocking_route(app)
+    seen, listening = [], []
 
     async def spy(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/health":
@@ -239,16 +246,8 @@ def test_a_burst_of_requests_enters_the_app_a_batch_per_turn():
     from edge_readme.server import pacing
 
     app = create_app(EngineHolder(), model_name="tiny")  # loading: completions answer 503
-    blocked, release, entered, seen = threading.Event(), threading.Event(), [], []
-
-    async def block(request):  # holds the event loop while the burst arrives
-        blocked.set()
-        release.wait(30)
-        from starlette.responses import PlainTextResponse
-
-        return PlainTextResponse("ok")
-
-    app.add_route("/block", block, methods=["GET"])
+    blocked, release = blocking_route(app)
+    entered, seen = [], []
 
     async def spy(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/health":

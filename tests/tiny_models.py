@@ -215,6 +215,13 @@ def write_moe(folder: Path, num_experts: int = 4, layers: int = 3, seed: int = 0
     return folder
 
 
+def write_moe_in(folder: Path, fmt: str) -> Path:
+    """The 4-expert, 3-layer tiny MoE with experts stored as a run of `fmt` reads them: q4
+    experts for q4 weights, float32 ones otherwise."""
+    return write_moe(folder, num_experts=4, layers=3,
+                     dtype="q4" if fmt == "q4" else torch.float32)
+
+
 REFACTOR_WORDS = {"code": "def return import class self for in if else print lambda".split(),
                   "legal": "shall licence warranty party agreement liability terms hereby".split(),
                   "prose": "the moon river night she walked softly over hills dreaming".split()}

@@ -278,11 +278,9 @@ class ExpertCache:
                     else self.num_slots * self.slot_bytes
                 base = self._block_bytes.data_ptr()
                 release_pages(base, base + used)
-                self._set_layout(packed)
                 self.num_slots = n
-                self._slot_key = [None] * n
-                self._weights = [None] * n
-                self._free = list(range(n - 1, -1, -1))
+                self._init_state()
+                self._set_layout(packed)
                 self._cond.notify_all()
                 return n
             while len(self._key_slot) > n:
